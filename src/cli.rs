@@ -1,0 +1,182 @@
+//! The command line: `relay [serve|migrate|check-config|healthcheck]`.
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    app::Application,
+    config::{LoadOptions, Settings},
+    lifecycle::shutdown_signal,
+    store, telemetry,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay",
+    version,
+    about = "Realtime fan-out service: Redis pub/sub to WebSocket and SSE"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Load and validate configuration, print it with secrets redacted, and exit.
+    CheckConfig,
+    /// GET the service's own /readyz; exit 0 when ready, 1 otherwise.
+    Healthcheck {
+        /// URL to check instead of http://127.0.0.1:{server.port}/readyz.
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// Parse arguments, load configuration and run the chosen command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&LoadOptions::from_process_env()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("relay: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => check_config(&settings),
+        Command::Healthcheck { url, timeout } => {
+            runtime(1).block_on(healthcheck(&settings, url, timeout))
+        }
+        Command::Migrate => with_telemetry(&settings, || runtime(0).block_on(migrate(&settings))),
+        Command::Serve => {
+            with_telemetry(&settings, || runtime(0).block_on(serve(settings.clone())))
+        }
+    }
+}
+
+fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    // A runtime that cannot start is an unrecoverable environment problem.
+    builder
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+fn with_telemetry(settings: &Settings, run: impl FnOnce() -> ExitCode) -> ExitCode {
+    if let Err(err) = telemetry::init(telemetry::build_subscriber(&settings.log)) {
+        eprintln!("relay: cannot install the log subscriber: {err}");
+        return ExitCode::FAILURE;
+    }
+    run()
+}
+
+fn check_config(settings: &Settings) -> ExitCode {
+    match serde_json::to_string_pretty(settings) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("relay: cannot print configuration: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(settings: &Settings) -> ExitCode {
+    let result = async {
+        let pool = store::connect(&settings.database).await?;
+        store::migrate(&pool).await?;
+        pool.close().await;
+        Ok::<_, store::StoreError>(())
+    };
+    match result.await {
+        Ok(()) => {
+            tracing::info!("migrations applied");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(%err, "migration failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> ExitCode {
+    let grace = settings.shutdown.readiness_grace;
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(err) => {
+            tracing::error!(%err, "startup failed");
+            return ExitCode::FAILURE;
+        }
+    };
+    let lifecycle = app.lifecycle();
+    // Runs beside the app (not spawned): first signal starts the graceful shutdown, a second one
+    // exits at once.
+    let signals = async move {
+        shutdown_signal().await;
+        tokio::select! {
+            _ = lifecycle.begin_shutdown(grace) => {}
+            _ = shutdown_signal() => exit_now(),
+        }
+        shutdown_signal().await;
+        exit_now();
+    };
+    tokio::select! {
+        result = app.run_until_stopped() => match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(%err, "server failed");
+                ExitCode::FAILURE
+            }
+        },
+        () = signals => ExitCode::FAILURE,
+    }
+}
+
+fn exit_now() -> ! {
+    tracing::warn!("second signal: exiting immediately");
+    std::process::exit(130);
+}
+
+async fn healthcheck(settings: &Settings, url: Option<String>, timeout: Duration) -> ExitCode {
+    let url = url.unwrap_or_else(|| format!("http://127.0.0.1:{}/readyz", settings.server.port));
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("healthcheck: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(res) if res.status().is_success() => {
+            println!("healthcheck: {url} ready ({})", res.status());
+            ExitCode::SUCCESS
+        }
+        Ok(res) => {
+            let status = res.status();
+            let body = res.text().await.unwrap_or_default();
+            eprintln!("healthcheck: {url} not ready ({status}): {body}");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("healthcheck: {url} unreachable: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Typed configuration, loaded once at startup.
+//!
+//! Layers, later ones winning: `config/default.toml`, `config/{APP_ENV}.toml` (`local` when
+//! `APP_ENV` is unset), then environment variables `APP__SECTION__KEY` (for example
+//! `APP__SERVER__PORT=9000`). The result is deserialised into [`Settings`] and validated before
+//! anything connects anywhere, so a bad value stops the process with a message naming the key.
+//! Unknown keys are rejected too: a misspelt variable is an error, not a silently ignored default.
+//!
+//! Connection URLs may carry passwords, so they are [`SecretUrl`]s: `Debug` and `Serialize` print
+//! them with the password replaced, and the real value is only reachable through
+//! [`SecretUrl::expose`].
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read, or a value had the wrong type or an unknown key.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value parsed but is not acceptable.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where to load configuration from. [`LoadOptions::from_process_env`] is what the binary uses;
+/// tests build one in code so they never touch the process environment.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Directory holding `default.toml` and `{app_env}.toml`.
+    pub dir: PathBuf,
+    /// Selects the environment file; `local` by default.
+    pub app_env: String,
+    /// `APP__…` variables (others are ignored).
+    pub env: HashMap<String, String>,
+}
+
+impl LoadOptions {
+    /// `APP_CONFIG_DIR` (default `config`), `APP_ENV` (default `local`) and the process environment.
+    pub fn from_process_env() -> Self {
+        Self {
+            dir: std::env::var_os("APP_CONFIG_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("config")),
+            app_env: std::env::var("APP_ENV").unwrap_or_else(|_| "local".to_owned()),
+            env: std::env::vars().collect(),
+        }
+    }
+}
+
+/// The whole configuration. Every key is documented in `config/default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub shutdown: ShutdownSettings,
+    pub log: LogSettings,
+    pub http: HttpSettings,
+    pub health: HealthSettings,
+    pub ws: WsSettings,
+    pub sse: SseSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to bind, e.g. `127.0.0.1` or `0.0.0.0`.
+    pub host: IpAddr,
+    /// Port for the public API; 0 picks a free port (the bound address is logged).
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: SecretUrl,
+    pub max_connections: u32,
+    /// How long startup keeps retrying before giving up on Postgres.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a query waits for a free pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: SecretUrl,
+    /// Prefix of every Redis channel relay uses; lets several deployments share one Redis.
+    pub channel_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Upper bound for any single Redis command (PUBLISH, SUBSCRIBE, PING).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// First and largest delay between reconnect attempts of the pub/sub listener.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// Time between `/readyz` turning 503 and the listener closing, so load balancers stop
+    /// routing new traffic here first.
+    #[serde(with = "humantime_serde")]
+    pub readiness_grace: Duration,
+    /// Upper bound for in-flight requests and sessions to finish after the listener closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `info,relay=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Time allowed to produce response headers (streams and WebSockets are not cut by it).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// Origins allowed by CORS; empty disables CORS, `["*"]` allows any origin.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Budget for each dependency check of `/readyz`.
+    #[serde(with = "humantime_serde")]
+    pub check_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsSettings {
+    /// Largest accepted client message; bigger ones close the connection with 1009.
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    /// Frames queued for one connection before it counts as a slow consumer and is closed.
+    pub outbox_capacity: usize,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A write the client does not accept within this time closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How long a subscribe waits for Redis to confirm before answering `unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub subscribe_timeout: Duration,
+    /// Socket read chunk size; small keeps idle connections cheap.
+    pub read_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SseSettings {
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+}
+
+impl Settings {
+    /// Load from the files and variables described by `opts`, then validate.
+    pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
+        let env_vars: config::Map<String, String> = opts
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("APP__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let raw = config::Config::builder()
+            .add_source(config::File::from(opts.dir.join("default.toml")).required(true))
+            .add_source(
+                config::File::from(opts.dir.join(format!("{}.toml", opts.app_env))).required(false),
+            )
+            .add_source(
+                config::Environment::with_prefix("APP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("http.cors_allowed_origins")
+                    .source(Some(env_vars)),
+            )
+            .build()?;
+        let settings: Settings = raw.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database
+            .url
+            .check_scheme("database.url", &["postgres", "postgresql"])?;
+        self.redis
+            .url
+            .check_scheme("redis.url", &["redis", "rediss", "redis+unix", "unix"])?;
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        positive("database.connect_timeout", self.database.connect_timeout)?;
+        positive("database.acquire_timeout", self.database.acquire_timeout)?;
+        positive("redis.connect_timeout", self.redis.connect_timeout)?;
+        positive("redis.command_timeout", self.redis.command_timeout)?;
+        positive("redis.reconnect_min_delay", self.redis.reconnect_min_delay)?;
+        if self.redis.reconnect_max_delay < self.redis.reconnect_min_delay {
+            return Err(ConfigError::invalid(
+                "redis.reconnect_max_delay",
+                "must not be smaller than redis.reconnect_min_delay",
+            ));
+        }
+        if self.redis.channel_prefix.len() > 64
+            || !self.redis.channel_prefix.chars().all(is_channel_char)
+        {
+            return Err(ConfigError::invalid(
+                "redis.channel_prefix",
+                "at most 64 characters of A-Z a-z 0-9 _ - : .",
+            ));
+        }
+        positive("shutdown.drain_timeout", self.shutdown.drain_timeout)?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
+        positive("http.request_timeout", self.http.request_timeout)?;
+        if self.http.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "http.max_body_bytes",
+                "must be at least 1",
+            ));
+        }
+        for origin in &self.http.cors_allowed_origins {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(ConfigError::invalid(
+                    "http.cors_allowed_origins",
+                    format!("`{origin}` is not a valid origin"),
+                ));
+            }
+        }
+        positive("health.check_timeout", self.health.check_timeout)?;
+        if self.ws.max_message_bytes < 64 {
+            return Err(ConfigError::invalid(
+                "ws.max_message_bytes",
+                "must be at least 64",
+            ));
+        }
+        if self.ws.max_subscriptions == 0 {
+            return Err(ConfigError::invalid(
+                "ws.max_subscriptions",
+                "must be at least 1",
+            ));
+        }
+        if self.ws.outbox_capacity == 0 {
+            return Err(ConfigError::invalid(
+                "ws.outbox_capacity",
+                "must be at least 1",
+            ));
+        }
+        positive("ws.ping_interval", self.ws.ping_interval)?;
+        if self.ws.idle_timeout <= self.ws.ping_interval {
+            return Err(ConfigError::invalid(
+                "ws.idle_timeout",
+                "must be longer than ws.ping_interval, or healthy idle clients get closed",
+            ));
+        }
+        positive("ws.write_timeout", self.ws.write_timeout)?;
+        positive("ws.subscribe_timeout", self.ws.subscribe_timeout)?;
+        if self.ws.read_buffer_bytes < 256 {
+            return Err(ConfigError::invalid(
+                "ws.read_buffer_bytes",
+                "must be at least 256",
+            ));
+        }
+        positive("sse.keepalive_interval", self.sse.keepalive_interval)?;
+        Ok(())
+    }
+}
+
+/// Characters allowed in channel names (and the Redis prefix in front of them).
+pub fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')
+}
+
+fn positive(key: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::invalid(key, "must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A connection URL that may carry a password. Printing it (Debug, Serialize) hides the password.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(SecretString);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(SecretString::from(url.into()))
+    }
+
+    /// The real URL, password included. Only hand it to the client library that needs it.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(self.expose()) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    // Cannot fail for URLs that already have a password.
+                    let _ = url.set_password(Some("***"));
+                }
+                url.to_string()
+            }
+            Err(_) => "<unparseable url>".to_owned(),
+        }
+    }
+
+    fn check_scheme(&self, key: &'static str, schemes: &[&str]) -> Result<(), ConfigError> {
+        let url = url::Url::parse(self.expose())
+            .map_err(|e| ConfigError::invalid(key, format!("not a URL ({e})")))?;
+        if !schemes.contains(&url.scheme()) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("scheme must be one of {schemes:?}, got `{}`", url.scheme()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_url_hides_password() {
+        let url = SecretUrl::new("postgres://app:hunter2@db:5432/relay");
+        assert_eq!(url.redacted(), "postgres://app:***@db:5432/relay");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&url).unwrap().contains("hunter2"));
+    }
+}

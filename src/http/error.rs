@@ -1,0 +1,130 @@
+//! The HTTP error boundary: one error type, mapped to JSON once.
+//!
+//! Every failure a client can see — handler errors, axum rejections, 404/405, body limits,
+//! timeouts, panics — leaves as `{"error":{"code":"…","message":"…","request_id":"…"}}`. Handlers
+//! return [`ApiError`] and use `?`; [`crate::http::middleware::json_errors`] rewrites the few
+//! responses produced outside handlers (router fallbacks, tower-http layers) into the same shape.
+//! Internal details are logged here, once, and never sent to the client.
+
+use axum::{
+    Json,
+    extract::rejection::{JsonRejection, QueryRejection},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+use crate::http::middleware::current_request_id;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Validation(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body is larger than the limit")]
+    PayloadTooLarge,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything the client cannot fix; the detail is logged, not returned.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    pub fn internal(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(err.into())
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Validation(_) => (StatusCode::BAD_REQUEST, "invalid_input"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Build the standard error response; also used by middleware for non-handler errors.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code,
+            message,
+            request_id: current_request_id(),
+        },
+    };
+    (status, Json(body)).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Internal(source) = &self {
+            tracing::error!(error = %source, "request failed");
+        }
+        error_response(status, code, &self.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType(
+                "expected a request with `Content-Type: application/json`".to_owned(),
+            ),
+            JsonRejection::BytesRejection(_)
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Self::PayloadTooLarge
+            }
+            other => Self::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::Validation(rejection.body_text())
+    }
+}
+
+/// `axum::Json`, but its rejection is an [`ApiError`], so bad bodies get the standard shape.
+#[derive(Debug, axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct AppJson<T>(pub T);
+
+impl<T: Serialize> IntoResponse for AppJson<T> {
+    fn into_response(self) -> Response {
+        Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Query` with [`ApiError`] as rejection.
+#[derive(Debug, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct AppQuery<T>(pub T);

@@ -1,0 +1,73 @@
+//! Health endpoints for orchestrators.
+//!
+//! * `GET /healthz` — liveness: the process serves HTTP. No dependency checks, so a Redis or
+//!   Postgres outage never gets healthy pods restarted.
+//! * `GET /readyz` — readiness: Postgres answers `SELECT 1`, Redis answers `PING`, the pub/sub
+//!   listener is connected, and shutdown has not begun. Checks run concurrently, each within
+//!   `health.check_timeout`.
+
+use std::time::{Duration, Instant};
+
+use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::state::AppState;
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    status: &'static str,
+    latency_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn check<E: std::fmt::Display>(
+    budget: Duration,
+    fut: impl Future<Output = Result<(), E>>,
+) -> Check {
+    let started = Instant::now();
+    let result = tokio::time::timeout(budget, fut).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let error = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err.to_string()),
+        Err(_) => Some(format!("no answer within {budget:?}")),
+    };
+    Check {
+        status: if error.is_none() { "ok" } else { "fail" },
+        latency_ms,
+        error,
+    }
+}
+
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let budget = state.settings.health.check_timeout;
+    let postgres = check(budget, async {
+        sqlx::query("SELECT 1").execute(&state.db).await.map(|_| ())
+    });
+    let redis = check(budget, state.pubsub.ping());
+    let (postgres, redis) = tokio::join!(postgres, redis);
+    let listener_ok = state.pubsub.is_listening();
+    let draining = state.lifecycle.is_draining();
+    let ready = postgres.error.is_none() && redis.error.is_none() && listener_ok && !draining;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ok" } else { "unavailable" },
+        "shutting_down": draining,
+        "checks": {
+            "postgres": postgres,
+            "redis": redis,
+            "pubsub_listener": { "status": if listener_ok { "ok" } else { "fail" } },
+        },
+    });
+    (status, Json(body))
+}

@@ -1,0 +1,182 @@
+//! Request-scoped context and the cross-cutting HTTP layers.
+//!
+//! * [`request_id`]: accepts a sane incoming `x-request-id` or generates a UUID, stores it in the
+//!   request extensions and in a task-local (so any code running for the request, including error
+//!   rendering, can read it with [`current_request_id`]) and echoes it on the response.
+//! * [`json_errors`]: rewrites error responses produced outside handlers (router 404/405,
+//!   tower-http's 408 and 413, axum rejections with text bodies) into the JSON error shape.
+//! * [`trace_layer`]: one span per request carrying method, matched route, request id, status and
+//!   latency, closed with an `info` line, which is the service's request log.
+
+use std::time::Duration;
+
+use axum::{
+    body::Body,
+    extract::{MatchedPath, Request},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::Response,
+};
+use tower_http::{
+    classify::{ServerErrorsAsFailures, SharedClassifier},
+    trace::TraceLayer,
+};
+use tracing::Span;
+
+use crate::http::error::error_response;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+tokio::task_local! {
+    static REQUEST_ID: RequestId;
+}
+
+/// The id of the request being served; also available as a request extension.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub std::sync::Arc<str>);
+
+/// The request id of the current request, if called while serving one.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.0.to_string()).ok()
+}
+
+/// Client-supplied ids are kept only when short and printable, so they are safe to log.
+fn acceptable(value: &HeaderValue) -> Option<&str> {
+    let s = value.to_str().ok()?;
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then_some(s)
+}
+
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id: std::sync::Arc<str> = match req.headers().get(&X_REQUEST_ID).and_then(acceptable) {
+        Some(s) => s.into(),
+        None => uuid::Uuid::new_v4().to_string().into(),
+    };
+    let header_value = HeaderValue::from_str(&id).ok();
+    if let Some(value) = &header_value {
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), value.clone());
+    }
+    let request_id = RequestId(id);
+    req.extensions_mut().insert(request_id.clone());
+    let mut res = REQUEST_ID.scope(request_id, next.run(req)).await;
+    if let Some(value) = header_value {
+        res.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    res
+}
+
+/// Stable machine-readable code for an HTTP status.
+fn code_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_input",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    // Bodies here are short texts from axum or tower-http; keep them as the message for 4xx,
+    // never for 5xx (they could carry internals).
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = if status.is_client_error() && !text.trim().is_empty() {
+        text.trim().to_owned()
+    } else {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    };
+    let mut rewritten = error_response(status, code_for(status), &message);
+    // Keep headers such as `allow` (405) and the request id.
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rewritten
+}
+
+/// Panics become a 500 in the standard shape; the panic message is logged, not sent.
+pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    let detail = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = detail, "handler panicked");
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+}
+
+type MakeSpan = fn(&Request) -> Span;
+type OnResponse = fn(&Response, Duration, &Span);
+
+/// The request span and the one log line per finished request.
+pub fn trace_layer()
+-> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan, (), OnResponse> {
+    TraceLayer::new_for_http()
+        .make_span_with(make_span as MakeSpan)
+        .on_request(())
+        .on_response(on_response as OnResponse)
+}
+
+fn make_span(req: &Request) -> Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+        .unwrap_or("<unmatched>");
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| &*id.0)
+        .unwrap_or("");
+    tracing::info_span!(
+        "http_request",
+        method = %req.method(),
+        route,
+        request_id,
+        status = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+    )
+}
+
+fn on_response(res: &Response, latency: Duration, span: &Span) {
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    span.record("status", res.status().as_u16());
+    span.record("latency_ms", latency_ms);
+    tracing::info!(
+        status = res.status().as_u16(),
+        latency_ms,
+        "request finished"
+    );
+}

@@ -1,0 +1,27 @@
+//! relay: a production-grade realtime microservice template.
+//!
+//! Messages published on any replica (over HTTP, a WebSocket, or straight to Redis) reach every
+//! WebSocket and SSE subscriber of their channel on every replica. How the pieces fit:
+//!
+//! * [`config`] loads typed, validated settings; [`telemetry`] sets up logging.
+//! * [`app::Application`] builds the service from settings: clients are created once and put in
+//!   [`state::AppState`]; the [`lifecycle::Lifecycle`] owns every background task and shutdown.
+//! * [`pubsub`] runs the Redis listener task and fans messages out to local sessions through
+//!   bounded outboxes; [`ws`] and [`sse`] are those sessions; [`protocol`] is the wire format.
+//! * [`http`] holds the router, the error type and middleware; [`store`] every SQL query.
+//! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`).
+//!
+//! Tests and benchmarks start the real service in-process with [`app::Application`].
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod lifecycle;
+pub mod protocol;
+pub mod pubsub;
+pub mod sse;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod ws;

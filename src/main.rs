@@ -1,0 +1,5 @@
+//! The `relay` binary; see [`relay::cli`] for the commands.
+
+fn main() -> std::process::ExitCode {
+    relay::cli::main()
+}

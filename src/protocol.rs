@@ -1,0 +1,368 @@
+//! The wire protocol, in code: channel names, the frames clients send, the frames the server
+//! sends, and the Redis envelope. `docs/protocol.md` is the prose version of this file; change
+//! both together.
+//!
+//! Server frames are encoded once and shared: a message frame is built by the Redis listener and
+//! the same bytes go to every WebSocket and SSE subscriber.
+
+use std::borrow::Cow;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::config::is_channel_char;
+
+/// Longest channel name accepted.
+pub const MAX_CHANNEL_LEN: usize = 128;
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid channel name: must be 1-128 characters of A-Z a-z 0-9 _ - : .")]
+pub struct InvalidChannel;
+
+/// Validate a channel name (1–128 of `A-Z a-z 0-9 _ - : .`).
+pub fn validate_channel(name: &str) -> Result<&str, InvalidChannel> {
+    if !name.is_empty() && name.len() <= MAX_CHANNEL_LEN && name.chars().all(is_channel_char) {
+        Ok(name)
+    } else {
+        Err(InvalidChannel)
+    }
+}
+
+/// Parse a `channels=a,b` query value. Empty items are ignored; duplicates are kept once.
+pub fn parse_channel_list(list: &str) -> Result<Vec<String>, InvalidChannel> {
+    let mut out: Vec<String> = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = validate_channel(name)?;
+        if !out.iter().any(|c| c == name) {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// A frame sent by a client, parsed from a JSON text message.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        channel: Cow<'a, str>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Ping,
+}
+
+/// A client frame that could not be accepted; becomes an `error` frame, the connection stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("unknown frame type `{0}`")]
+    UnknownType(String),
+    #[error("invalid `{ty}` frame: {reason}")]
+    InvalidFrame { ty: &'static str, reason: String },
+    #[error(transparent)]
+    InvalidChannel(#[from] InvalidChannel),
+}
+
+impl FrameError {
+    /// The `code` of the error frame.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::UnknownType(_) => "unknown_type",
+            Self::InvalidFrame { .. } => "invalid_frame",
+            Self::InvalidChannel(_) => "invalid_channel",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChannelBody<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+impl<'a> ClientFrame<'a> {
+    /// Parse and validate one client frame.
+    pub fn parse(text: &'a str) -> Result<Self, FrameError> {
+        let head: Head<'a> =
+            serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+        let ty = head.ty.ok_or_else(|| FrameError::InvalidFrame {
+            ty: "unknown",
+            reason: "missing field `type`".to_owned(),
+        })?;
+        fn body<'b, T: Deserialize<'b>>(ty: &'static str, text: &'b str) -> Result<T, FrameError> {
+            serde_json::from_str(text).map_err(|e| FrameError::InvalidFrame {
+                ty,
+                reason: e.to_string(),
+            })
+        }
+        let frame = match &*ty {
+            "subscribe" => {
+                let b: ChannelBody = body("subscribe", text)?;
+                validate_channel(&b.channel)?;
+                Self::Subscribe { channel: b.channel }
+            }
+            "unsubscribe" => {
+                let b: ChannelBody = body("unsubscribe", text)?;
+                validate_channel(&b.channel)?;
+                Self::Unsubscribe { channel: b.channel }
+            }
+            "publish" => {
+                let b: PublishBody = body("publish", text)?;
+                validate_channel(&b.channel)?;
+                Self::Publish {
+                    channel: b.channel,
+                    data: b.data,
+                }
+            }
+            "ping" => Self::Ping,
+            other => return Err(FrameError::UnknownType(truncate(other, 64).to_owned())),
+        };
+        Ok(frame)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Which SSE event a frame becomes (WebSocket clients read `type` from the JSON instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Message,
+    Subscribed,
+    Unsubscribed,
+    Pong,
+    Error,
+}
+
+impl FrameKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::Subscribed => "subscribed",
+            Self::Unsubscribed => "unsubscribed",
+            Self::Pong => "pong",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// An encoded server frame. Cloning shares the bytes (a reference-count increment).
+#[derive(Debug, Clone)]
+pub struct ServerFrame {
+    pub kind: FrameKind,
+    /// The JSON text, exactly as sent on a WebSocket and as SSE `data:`.
+    pub text: Utf8Bytes,
+    /// The message offset, when there is one (SSE `id:`).
+    pub id: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct MessageJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    channel: &'a str,
+    data: &'a RawValue,
+    id: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct ChannelJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    channel: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    code: &'a str,
+    message: &'a str,
+}
+
+fn encode(kind: FrameKind, value: &impl Serialize, id: Option<i64>) -> ServerFrame {
+    // Serialising these plain structs cannot fail: every field is a string, number or raw JSON.
+    let text = serde_json::to_string(value).unwrap_or_default();
+    ServerFrame {
+        kind,
+        text: text.into(),
+        id,
+    }
+}
+
+impl ServerFrame {
+    /// `{"type":"message","channel":…,"data":…,"id":…}`
+    pub fn message(channel: &str, data: &RawValue, id: Option<i64>) -> Self {
+        let json = MessageJson {
+            ty: "message",
+            channel,
+            data,
+            id,
+        };
+        encode(FrameKind::Message, &json, id)
+    }
+
+    /// `{"type":"subscribed","channel":…}`
+    pub fn subscribed(channel: &str) -> Self {
+        let json = ChannelJson {
+            ty: "subscribed",
+            channel,
+        };
+        encode(FrameKind::Subscribed, &json, None)
+    }
+
+    /// `{"type":"unsubscribed","channel":…}`
+    pub fn unsubscribed(channel: &str) -> Self {
+        let json = ChannelJson {
+            ty: "unsubscribed",
+            channel,
+        };
+        encode(FrameKind::Unsubscribed, &json, None)
+    }
+
+    /// `{"type":"pong"}`
+    pub fn pong() -> Self {
+        ServerFrame {
+            kind: FrameKind::Pong,
+            text: Utf8Bytes::from_static(r#"{"type":"pong"}"#),
+            id: None,
+        }
+    }
+
+    /// `{"type":"error","code":…,"message":…}`
+    pub fn error(code: &str, message: &str) -> Self {
+        let json = ErrorJson {
+            ty: "error",
+            code,
+            message,
+        };
+        encode(FrameKind::Error, &json, None)
+    }
+}
+
+/// The payload relay PUBLISHes to Redis and expects to receive: `{"data":<JSON>,"id":<int>}`.
+/// `id` is optional (other publishers may omit it); unknown fields are ignored so later versions
+/// can add some (e.g. `traceparent`) without breaking older replicas.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Envelope<'a> {
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+}
+
+/// Why a Redis payload was skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("payload is not UTF-8")]
+    NotUtf8,
+    #[error("payload is not an envelope: {0}")]
+    Shape(#[from] serde_json::Error),
+}
+
+impl<'a> Envelope<'a> {
+    pub fn parse(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let text = std::str::from_utf8(payload).map_err(|_| EnvelopeError::NotUtf8)?;
+        Ok(serde_json::from_str(text)?)
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert!(validate_channel("room-1:a_b.c").is_ok());
+        assert!(validate_channel(&"x".repeat(128)).is_ok());
+        assert!(validate_channel(&"x".repeat(129)).is_err());
+        assert!(validate_channel("").is_err());
+        assert!(validate_channel("a b").is_err());
+        assert!(validate_channel("é").is_err());
+        assert_eq!(parse_channel_list("a, b,,a").unwrap(), vec!["a", "b"]);
+        assert!(parse_channel_list("a,b/c").is_err());
+    }
+
+    #[test]
+    fn client_frames() {
+        assert!(matches!(
+            ClientFrame::parse(r#"{"type":"subscribe","channel":"x"}"#),
+            Ok(ClientFrame::Subscribe { .. })
+        ));
+        match ClientFrame::parse(r#"{"type":"publish","channel":"x","data":{"a":[1,2]}}"#) {
+            Ok(ClientFrame::Publish { data, .. }) => assert_eq!(data.get(), r#"{"a":[1,2]}"#),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ClientFrame::parse("{").unwrap_err().code(), "invalid_json");
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"nope"}"#).unwrap_err().code(),
+            "unknown_type"
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"subscribe"}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_frame"
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"subscribe","channel":"a b"}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_channel"
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"[1]"#).unwrap_err().code(),
+            "invalid_json"
+        );
+    }
+
+    #[test]
+    fn envelope_round_trip_and_garbage() {
+        let env = Envelope::parse(br#"{"data":{"k":"v"},"id":7,"traceparent":"x"}"#).unwrap();
+        assert_eq!(env.id, Some(7));
+        let frame = ServerFrame::message("c", env.data, env.id);
+        assert_eq!(
+            &*frame.text,
+            r#"{"type":"message","channel":"c","data":{"k":"v"},"id":7}"#
+        );
+        assert!(Envelope::parse(b"not json").is_err());
+        assert!(Envelope::parse(b"{\"id\":1}").is_err());
+        assert!(Envelope::parse(&[0xff, 0xfe]).is_err());
+        let no_id = Envelope::parse(br#"{"data":null}"#).unwrap();
+        assert_eq!(
+            &*ServerFrame::message("c", no_id.data, None).text,
+            r#"{"type":"message","channel":"c","data":null,"id":null}"#
+        );
+    }
+}

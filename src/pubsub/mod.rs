@@ -1,0 +1,192 @@
+//! Cross-replica fan-out over Redis pub/sub.
+//!
+//! * [`listener`]: the one task per replica that owns the Redis pub/sub connection and the
+//!   [`registry`] of local subscribers, and fans each message out.
+//! * [`outbox`]: the bounded per-session queue the fan-out pushes into.
+//! * [`PubSub`]: the handle sessions and handlers use — subscribe, unsubscribe, publish — kept in
+//!   the app state. Publishing uses a separate multiplexed connection, created once and shared.
+
+pub mod listener;
+pub mod outbox;
+pub mod registry;
+
+use std::sync::Arc;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{config::RedisSettings, lifecycle::Lifecycle, protocol::Envelope};
+
+pub use listener::ListenerStatus;
+use listener::{Command, Listener};
+pub use outbox::SessionOutbox;
+
+/// Commands waiting for the listener. Senders wait when it is full (backpressure on the
+/// subscribing sessions, never on the fan-out); each time that happens is counted.
+const COMMAND_QUEUE: usize = 4096;
+
+/// Errors at the Redis boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PubSubError {
+    #[error("Redis error: {0}")]
+    Redis(Arc<redis::RedisError>),
+    #[error("Redis did not answer in time")]
+    Timeout,
+    #[error("not connected to Redis (reconnecting)")]
+    Disconnected,
+    #[error("the pub/sub listener has stopped")]
+    ListenerStopped,
+    #[error("the session is closing")]
+    SessionClosed,
+}
+
+impl From<redis::RedisError> for PubSubError {
+    fn from(err: redis::RedisError) -> Self {
+        Self::Redis(Arc::new(err))
+    }
+}
+
+/// Handle to the replica's pub/sub machinery; cheap to clone.
+#[derive(Clone)]
+pub struct PubSub {
+    commands: mpsc::Sender<Command>,
+    status: Arc<ListenerStatus>,
+    publisher: ConnectionManager,
+    prefix: Arc<str>,
+    command_timeout: std::time::Duration,
+    lifecycle: Lifecycle,
+}
+
+impl PubSub {
+    /// Create the Redis clients (lazily connected, so startup does not fail while Redis is
+    /// down; readiness reports it) and start the listener task through `lifecycle`.
+    pub fn start(settings: &RedisSettings, lifecycle: &Lifecycle) -> Result<Self, PubSubError> {
+        let client = redis::Client::open(settings.url.expose())?;
+        let publisher = client.get_connection_manager_lazy(
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.connect_timeout))
+                .set_response_timeout(Some(settings.command_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(settings.reconnect_max_delay),
+        )?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let status = Arc::new(ListenerStatus::default());
+        let listener = Listener::new(
+            client,
+            settings.clone(),
+            rx,
+            Arc::clone(&status),
+            lifecycle.clone(),
+        );
+        lifecycle.spawn("redis_listener", listener.run());
+        Ok(Self {
+            commands: tx,
+            status,
+            publisher,
+            prefix: settings.channel_prefix.as_str().into(),
+            command_timeout: settings.command_timeout,
+            lifecycle: lifecycle.clone(),
+        })
+    }
+
+    async fn send(&self, command: Command) -> Result<(), PubSubError> {
+        match self.commands.try_send(command) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                metrics::counter!("relay_listener_queue_full_total").increment(1);
+                self.commands
+                    .send(command)
+                    .await
+                    .map_err(|_| PubSubError::ListenerStopped)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PubSubError::ListenerStopped),
+        }
+    }
+
+    /// Subscribe `outbox` to `channel`. When this returns Ok, Redis has confirmed the
+    /// subscription and a `subscribed` frame is queued in the outbox ahead of any message of
+    /// the channel; on error an `unavailable` error frame is queued instead.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        outbox: &Arc<SessionOutbox>,
+    ) -> Result<(), PubSubError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Subscribe {
+            channel: channel.into(),
+            outbox: Arc::clone(outbox),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| PubSubError::ListenerStopped)?
+    }
+
+    /// Unsubscribe; an `unsubscribed` frame is queued after the last message of the channel.
+    pub async fn unsubscribe(
+        &self,
+        channel: &str,
+        outbox: &Arc<SessionOutbox>,
+    ) -> Result<(), PubSubError> {
+        self.send(Command::Unsubscribe {
+            channel: channel.into(),
+            outbox: Arc::clone(outbox),
+        })
+        .await
+    }
+
+    /// Forget a finished session. Callable from `Drop`: it never waits; if the queue is full
+    /// the hand-over continues in a tracked task.
+    pub fn leave(&self, channels: Vec<Box<str>>, outbox: Arc<SessionOutbox>) {
+        outbox.close();
+        if channels.is_empty() {
+            return;
+        }
+        match self.commands.try_send(Command::Leave { channels, outbox }) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                metrics::counter!("relay_listener_queue_full_total").increment(1);
+                let commands = self.commands.clone();
+                self.lifecycle.spawn("pubsub_leave", async move {
+                    let _ = commands.send(command).await;
+                });
+            }
+        }
+    }
+
+    /// PUBLISH the envelope `{"data":…,"id":…}` to the channel on every replica.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        id: Option<i64>,
+    ) -> Result<(), PubSubError> {
+        let payload = Envelope { data, id }.encode();
+        let mut conn = self.publisher.clone();
+        let redis_channel = format!("{}{}", self.prefix, channel);
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(redis_channel).arg(payload);
+        let publish = cmd.query_async::<i64>(&mut conn);
+        tokio::time::timeout(self.command_timeout, publish)
+            .await
+            .map_err(|_| PubSubError::Timeout)??;
+        metrics::counter!("relay_messages_published_total").increment(1);
+        Ok(())
+    }
+
+    /// Round trip to Redis on the shared connection (readiness).
+    pub async fn ping(&self) -> Result<(), PubSubError> {
+        let mut conn = self.publisher.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        tokio::time::timeout(self.command_timeout, ping)
+            .await
+            .map_err(|_| PubSubError::Timeout)??;
+        Ok(())
+    }
+
+    /// Whether the listener currently holds a live pub/sub connection.
+    pub fn is_listening(&self) -> bool {
+        self.status.is_connected()
+    }
+}

@@ -1,0 +1,18 @@
+//! [`AppState`]: everything handlers and tasks share, built once at startup.
+//!
+//! Clients (the Postgres pool, the Redis connections) are created inside the runtime by
+//! [`crate::app::Application::build`] and only cloned from here; handlers never build clients.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::{config::Settings, lifecycle::Lifecycle, pubsub::PubSub};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub db: PgPool,
+    pub pubsub: PubSub,
+    pub lifecycle: Lifecycle,
+}

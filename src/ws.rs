@@ -1,0 +1,321 @@
+//! WebSocket sessions: `GET /ws?channels=a,b`.
+//!
+//! Each connection is one task (started by axum's upgrade, tracked by the app's `TaskTracker`)
+//! that selects over four event sources: frames from the client, its [`SessionOutbox`] filled by
+//! the Redis fan-out, a keepalive timer, and shutdown. Everything waiting in the outbox is written
+//! with one flush. Frames and close codes are documented in `docs/protocol.md`.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Extension,
+    extract::{
+        State,
+        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
+    },
+    response::Response,
+};
+use futures_util::SinkExt;
+use serde::Deserialize;
+
+use crate::{
+    http::{
+        error::{ApiError, AppQuery},
+        middleware::RequestId,
+    },
+    protocol::{ClientFrame, ServerFrame, parse_channel_list},
+    pubsub::{PubSubError, SessionOutbox, outbox::Drained},
+    state::AppState,
+};
+
+/// Close codes (see docs/protocol.md).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const IDLE_TIMEOUT: u16 = 4000;
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Consecutive invalid frames tolerated before closing with 1008: a client that only sends
+/// garbage is broken or hostile, and every bad frame costs an error frame.
+const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 32;
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    #[serde(default)]
+    channels: Option<String>,
+}
+
+/// Validate the query, then upgrade. Refusals happen before the upgrade, as JSON errors.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    AppQuery(params): AppQuery<WsParams>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::Unavailable("server is shutting down".to_owned()));
+    }
+    let channels = parse_channel_list(params.channels.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::Validation(e.to_string()))?;
+    let cfg = &state.settings.ws;
+    if channels.len() > cfg.max_subscriptions {
+        return Err(ApiError::Validation(format!(
+            "at most {} channels per connection",
+            cfg.max_subscriptions
+        )));
+    }
+    // Count the session from now, so a shutdown starting before the upgrade completes waits.
+    let task = state.lifecycle.task_guard("ws_session");
+    let ws = ws
+        .read_buffer_size(cfg.read_buffer_bytes)
+        .write_buffer_size(cfg.read_buffer_bytes)
+        .max_message_size(cfg.max_message_bytes)
+        .max_frame_size(cfg.max_message_bytes);
+    Ok(ws.on_upgrade(move |socket| async move {
+        let session = Session::new(state, request_id);
+        session.run(socket, channels).await;
+        drop(task);
+    }))
+}
+
+/// Why the event loop ended: close with a code, or the peer is already gone.
+enum End {
+    Close(u16, &'static str),
+    Gone,
+}
+
+struct Session {
+    state: AppState,
+    outbox: Arc<SessionOutbox>,
+    subscriptions: Vec<Box<str>>,
+    request_id: RequestId,
+    bad_frames: u32,
+}
+
+impl Session {
+    fn new(state: AppState, request_id: RequestId) -> Self {
+        let outbox = Arc::new(SessionOutbox::new(state.settings.ws.outbox_capacity));
+        Self {
+            state,
+            outbox,
+            subscriptions: Vec::new(),
+            request_id,
+            bad_frames: 0,
+        }
+    }
+
+    async fn run(mut self, mut socket: WebSocket, initial: Vec<String>) {
+        let started = Instant::now();
+        metrics::gauge!("relay_ws_connections").increment(1.0);
+        tracing::debug!(
+            request_id = &*self.request_id.0,
+            "WebSocket session started"
+        );
+        for channel in &initial {
+            self.subscribe(channel).await;
+        }
+        let end = self.event_loop(&mut socket).await;
+        let code = match end {
+            End::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: reason.into(),
+                };
+                // The client may not be reading; do not let the goodbye hang the task.
+                let write_timeout = self.state.settings.ws.write_timeout;
+                let _ =
+                    tokio::time::timeout(write_timeout, socket.send(Message::Close(Some(frame))))
+                        .await;
+                Some(code)
+            }
+            End::Gone => None,
+        };
+        if code == Some(close_code::SLOW_CONSUMER) {
+            metrics::counter!("relay_ws_slow_consumer_closes_total").increment(1);
+        }
+        metrics::gauge!("relay_ws_connections").decrement(1.0);
+        tracing::debug!(
+            request_id = &*self.request_id.0,
+            close_code = code,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "WebSocket session ended"
+        );
+        // `Drop` releases the subscriptions.
+    }
+
+    async fn event_loop(&mut self, socket: &mut WebSocket) -> End {
+        let cfg = self.state.settings.ws.clone();
+        let lifecycle = self.state.lifecycle.clone();
+        let outbox = Arc::clone(&self.outbox);
+        let mut batch = VecDeque::new();
+        let mut last_seen = Instant::now();
+        let keepalive = tokio::time::sleep(cfg.ping_interval);
+        tokio::pin!(keepalive);
+        loop {
+            tokio::select! {
+                _ = lifecycle.cancelled() => return End::Close(close_code::GOING_AWAY, "server shutting down"),
+                _ = outbox.ready() => {
+                    if let Some(end) = self.flush_outbox(socket, &mut batch, cfg.write_timeout).await {
+                        return end;
+                    }
+                }
+                incoming = socket.recv() => {
+                    last_seen = Instant::now();
+                    match incoming {
+                        None => return End::Gone,
+                        Some(Err(err)) => return if is_too_big(err) {
+                            End::Close(close_code::TOO_BIG, "message too big")
+                        } else {
+                            End::Gone
+                        },
+                        Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+                        Some(Ok(Message::Binary(_))) => self.bad_frame(ServerFrame::error(
+                            "unsupported_binary",
+                            "binary frames are not supported; send JSON text frames",
+                        )),
+                        // tungstenite answers pings itself; pongs only prove liveness.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        // tungstenite queued the close reply; the next read completes the handshake.
+                        Some(Ok(Message::Close(_))) => {}
+                    }
+                    if self.bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES {
+                        return End::Close(close_code::POLICY, "too many invalid frames");
+                    }
+                }
+                _ = &mut keepalive => {
+                    if last_seen.elapsed() >= cfg.idle_timeout {
+                        return End::Close(close_code::IDLE_TIMEOUT, "idle timeout");
+                    }
+                    let ping = tokio::time::timeout(cfg.write_timeout, socket.send(Message::Ping(Default::default())));
+                    match ping.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return End::Gone,
+                        Err(_) => return End::Close(close_code::SLOW_CONSUMER, "write timeout"),
+                    }
+                    keepalive.as_mut().reset(tokio::time::Instant::now() + cfg.ping_interval);
+                }
+            }
+        }
+    }
+
+    /// Write everything queued, with one flush per batch, until the outbox is empty.
+    async fn flush_outbox(
+        &mut self,
+        socket: &mut WebSocket,
+        batch: &mut VecDeque<crate::protocol::ServerFrame>,
+        write_timeout: Duration,
+    ) -> Option<End> {
+        loop {
+            if self.outbox.drain_into(batch) == Drained::Overflowed {
+                return Some(End::Close(close_code::SLOW_CONSUMER, "slow consumer"));
+            }
+            if batch.is_empty() {
+                return None;
+            }
+            let write = async {
+                for frame in batch.drain(..) {
+                    socket.feed(Message::Text(frame.text)).await?;
+                }
+                socket.flush().await
+            };
+            match tokio::time::timeout(write_timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Some(End::Gone),
+                Err(_) => return Some(End::Close(close_code::SLOW_CONSUMER, "write timeout")),
+            }
+            // Pushes that arrived during the write are picked up by the next iteration.
+        }
+    }
+
+    fn reply(&self, frame: ServerFrame) {
+        self.outbox.push(frame);
+    }
+
+    fn bad_frame(&mut self, frame: ServerFrame) {
+        self.bad_frames += 1;
+        self.reply(frame);
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let frame = match ClientFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(err) => return self.bad_frame(ServerFrame::error(err.code(), &err.to_string())),
+        };
+        self.bad_frames = 0;
+        match frame {
+            ClientFrame::Subscribe { channel } => self.subscribe(&channel).await,
+            ClientFrame::Unsubscribe { channel } => self.unsubscribe(&channel).await,
+            ClientFrame::Publish { channel, data } => {
+                if let Err(err) = self.state.pubsub.publish(&channel, data, None).await {
+                    tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
+                    self.reply(ServerFrame::error(
+                        "unavailable",
+                        &format!("publish failed: {err}"),
+                    ));
+                }
+            }
+            ClientFrame::Ping => self.reply(ServerFrame::pong()),
+        }
+    }
+
+    async fn subscribe(&mut self, channel: &str) {
+        let already = self.subscriptions.iter().any(|c| &**c == channel);
+        if !already && self.subscriptions.len() >= self.state.settings.ws.max_subscriptions {
+            return self.reply(ServerFrame::error(
+                "too_many_subscriptions",
+                &format!(
+                    "at most {} subscriptions per connection",
+                    self.state.settings.ws.max_subscriptions
+                ),
+            ));
+        }
+        match self.state.pubsub.subscribe(channel, &self.outbox).await {
+            Ok(()) if !already => self.subscriptions.push(channel.into()),
+            Ok(()) => {}
+            // The listener queued the error frame itself.
+            Err(PubSubError::ListenerStopped) => {
+                self.reply(ServerFrame::error("unavailable", "server is shutting down"))
+            }
+            Err(_) => {}
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) {
+        let Some(pos) = self.subscriptions.iter().position(|c| &**c == channel) else {
+            // Idempotent: not subscribed is already the requested state.
+            return self.reply(ServerFrame::unsubscribed(channel));
+        };
+        self.subscriptions.swap_remove(pos);
+        if self
+            .state
+            .pubsub
+            .unsubscribe(channel, &self.outbox)
+            .await
+            .is_err()
+        {
+            self.reply(ServerFrame::unsubscribed(channel));
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let channels = std::mem::take(&mut self.subscriptions);
+        self.state.pubsub.leave(channels, Arc::clone(&self.outbox));
+    }
+}
+
+/// tungstenite reports an oversized message as a capacity error.
+fn is_too_big(err: axum::Error) -> bool {
+    matches!(
+        err.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
