@@ -178,9 +178,6 @@ pub struct WsSettings {
     /// A write the client does not accept within this time closes the connection.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
-    /// How long a subscribe waits for Redis to confirm before answering `unavailable`.
-    #[serde(with = "humantime_serde")]
-    pub subscribe_timeout: Duration,
     /// Socket read chunk size; small keeps idle connections cheap.
     pub read_buffer_bytes: usize,
 }
@@ -299,7 +296,6 @@ impl Settings {
             ));
         }
         positive("ws.write_timeout", self.ws.write_timeout)?;
-        positive("ws.subscribe_timeout", self.ws.subscribe_timeout)?;
         if self.ws.read_buffer_bytes < 256 {
             return Err(ConfigError::invalid(
                 "ws.read_buffer_bytes",

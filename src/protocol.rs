@@ -108,6 +108,13 @@ impl<'a> ClientFrame<'a> {
     pub fn parse(text: &'a str) -> Result<Self, FrameError> {
         let head: Head<'a> =
             serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+        // serde also accepts structs written as arrays; frames are objects only.
+        if !text.trim_start().starts_with('{') {
+            return Err(FrameError::InvalidFrame {
+                ty: "unknown",
+                reason: "a frame must be a JSON object".to_owned(),
+            });
+        }
         let ty = head.ty.ok_or_else(|| FrameError::InvalidFrame {
             ty: "unknown",
             reason: "missing field `type`".to_owned(),
@@ -283,6 +290,8 @@ pub struct Envelope<'a> {
 pub enum EnvelopeError {
     #[error("payload is not UTF-8")]
     NotUtf8,
+    #[error("payload is not a JSON object")]
+    NotObject,
     #[error("payload is not an envelope: {0}")]
     Shape(#[from] serde_json::Error),
 }
@@ -290,6 +299,11 @@ pub enum EnvelopeError {
 impl<'a> Envelope<'a> {
     pub fn parse(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
         let text = std::str::from_utf8(payload).map_err(|_| EnvelopeError::NotUtf8)?;
+        // serde would also accept a struct written as an array (`[data, id]`); the envelope is
+        // an object only.
+        if !text.trim_start().starts_with('{') {
+            return Err(EnvelopeError::NotObject);
+        }
         Ok(serde_json::from_str(text)?)
     }
 
@@ -359,6 +373,7 @@ mod tests {
         assert!(Envelope::parse(b"not json").is_err());
         assert!(Envelope::parse(b"{\"id\":1}").is_err());
         assert!(Envelope::parse(&[0xff, 0xfe]).is_err());
+        assert!(Envelope::parse(b"[1,2]").is_err());
         let no_id = Envelope::parse(br#"{"data":null}"#).unwrap();
         assert_eq!(
             &*ServerFrame::message("c", no_id.data, None).text,

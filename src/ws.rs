@@ -15,7 +15,9 @@ use axum::{
     Extension,
     extract::{
         State,
-        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
+        ws::{
+            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+        },
     },
     response::Response,
 };
@@ -57,7 +59,7 @@ pub async fn upgrade(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     AppQuery(params): AppQuery<WsParams>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Unavailable("server is shutting down".to_owned()));
@@ -71,6 +73,7 @@ pub async fn upgrade(
             cfg.max_subscriptions
         )));
     }
+    let ws = ws?;
     // Count the session from now, so a shutdown starting before the upgrade completes waits.
     let task = state.lifecycle.task_guard("ws_session");
     let ws = ws

@@ -30,6 +30,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unavailable(String),
+    /// An axum rejection that keeps its own status (e.g. a failed WebSocket upgrade).
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
     /// Anything the client cannot fix; the detail is logged, not returned.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -50,6 +53,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Rejected { status, .. } => (*status, code_for(*status)),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -88,6 +92,35 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %source, "request failed");
         }
         error_response(status, code, &self.to_string())
+    }
+}
+
+/// Stable machine-readable code for an HTTP status, for errors not produced by [`ApiError`].
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_input",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+impl From<axum::extract::ws::rejection::WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: axum::extract::ws::rejection::WebSocketUpgradeRejection) -> Self {
+        Self::Rejected {
+            status: rejection.status(),
+            message: rejection.body_text(),
+        }
     }
 }
 

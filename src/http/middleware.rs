@@ -23,7 +23,7 @@ use tower_http::{
 };
 use tracing::Span;
 
-use crate::http::error::error_response;
+use crate::http::error::{code_for, error_response};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -67,25 +67,6 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         res.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
     res
-}
-
-/// Stable machine-readable code for an HTTP status.
-fn code_for(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::BAD_REQUEST => "bad_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::FORBIDDEN => "forbidden",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::REQUEST_TIMEOUT => "timeout",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "invalid_input",
-        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
-        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-        s if s.is_server_error() => "internal",
-        _ => "error",
-    }
 }
 
 pub async fn json_errors(req: Request, next: Next) -> Response {

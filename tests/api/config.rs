@@ -1,0 +1,101 @@
+use std::{collections::HashMap, path::PathBuf, process::Command};
+
+use relay::config::{ConfigError, LoadOptions, Settings};
+
+fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::load(&LoadOptions {
+        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+        app_env: "local".to_owned(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    })
+}
+
+#[test]
+fn shipped_configs_load() {
+    assert!(load(&[]).is_ok());
+    for app_env in ["local", "production"] {
+        let opts = LoadOptions {
+            dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+            app_env: app_env.to_owned(),
+            env: HashMap::new(),
+        };
+        Settings::load(&opts).unwrap_or_else(|e| panic!("{app_env}: {e}"));
+    }
+}
+
+#[test]
+fn environment_overrides_files() {
+    let s = load(&[
+        ("APP__SERVER__PORT", "9001"),
+        ("APP__SHUTDOWN__DRAIN_TIMEOUT", "7s"),
+    ])
+    .unwrap();
+    assert_eq!(s.server.port, 9001);
+    assert_eq!(s.shutdown.drain_timeout, std::time::Duration::from_secs(7));
+}
+
+#[test]
+fn invalid_values_name_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("APP__SERVER__PORT", "99999", "server.port"),
+        ("APP__SERVER__HOST", "not an ip", "server.host"),
+        ("APP__DATABASE__URL", "mysql://x", "database.url"),
+        ("APP__REDIS__URL", "::::", "redis.url"),
+        (
+            "APP__SHUTDOWN__DRAIN_TIMEOUT",
+            "soon",
+            "shutdown.drain_timeout",
+        ),
+        (
+            "APP__DATABASE__MAX_CONNECTIONS",
+            "0",
+            "database.max_connections",
+        ),
+        ("APP__LOG__FORMAT", "xml", "log.format"),
+        ("APP__WS__IDLE_TIMEOUT", "1s", "ws.idle_timeout"),
+        // A misspelt key is an error, not a silently ignored default.
+        ("APP__SERVER__PROT", "1", "prot"),
+    ];
+    for (key, value, expected) in cases {
+        let err = load(&[(key, value)]).expect_err(key).to_string();
+        assert!(
+            err.contains(expected),
+            "{key}={value}: `{err}` should name `{expected}`"
+        );
+    }
+}
+
+#[test]
+fn check_config_command_redacts_secrets_and_fails_on_bad_config() {
+    let bin = env!("CARGO_BIN_EXE_relay");
+    let ok = Command::new(bin)
+        .arg("check-config")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("APP__DATABASE__URL", "postgres://app:hunter2@db:5432/relay")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        stdout.contains("postgres://app:***@db:5432/relay"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"));
+
+    let bad = Command::new(bin)
+        .arg("check-config")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("APP__SERVER__PORT", "http")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("server.port"), "{stderr}");
+}

@@ -1,0 +1,136 @@
+use serde_json::Value;
+
+use crate::helpers::{spawn_app, spawn_app_unready};
+
+#[tokio::test]
+async fn healthz_is_ok() {
+    let app = spawn_app().await;
+    let res = app.get("/healthz").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        serde_json::json!({"status": "ok"})
+    );
+}
+
+#[tokio::test]
+async fn readyz_reports_each_dependency() {
+    let app = spawn_app().await;
+    let res = app.get("/readyz").await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["checks"]["postgres"]["status"], "ok");
+    assert_eq!(body["checks"]["redis"]["status"], "ok");
+    assert!(body["checks"]["redis"]["latency_ms"].is_number());
+}
+
+#[tokio::test]
+async fn readyz_is_503_when_redis_is_unreachable() {
+    // Port 1 refuses connections: startup still succeeds, readiness says why it is not ready.
+    let app =
+        spawn_app_unready(|s| s.redis.url = relay::config::SecretUrl::new("redis://127.0.0.1:1"))
+            .await;
+    let res = app.get("/readyz").await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["checks"]["postgres"]["status"], "ok");
+    assert_eq!(body["checks"]["redis"]["status"], "fail");
+    assert!(body["checks"]["redis"]["error"].is_string());
+    // Liveness does not depend on Redis.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn migrations_are_applied() {
+    let app = spawn_app().await;
+    let mut url = url::Url::parse(&crate::helpers::postgres_url()).unwrap();
+    url.set_path(&app.db.name);
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, relay::store::MIGRATOR.iter().count());
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('channels', 'messages')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 2);
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn request_id_is_generated_or_echoed() {
+    let app = spawn_app().await;
+    let res = app.get("/healthz").await;
+    let generated = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+
+    let res = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "abc-123");
+
+    // Ids that are unsafe to log are replaced.
+    let res = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-request-id", "a b\"c")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-request-id"], "a b\"c");
+}
+
+async fn assert_error_shape(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status(), status);
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(body["error"]["request_id"], request_id.as_str());
+    body
+}
+
+#[tokio::test]
+async fn errors_have_one_json_shape() {
+    let app = spawn_app().await;
+    assert_error_shape(app.get("/no/such/route").await, 404, "not_found").await;
+    let res = app.http.delete(app.url("/healthz")).send().await.unwrap();
+    assert_error_shape(res, 405, "method_not_allowed").await;
+    let big = vec![b'x'; app.settings.http.max_body_bytes + 1];
+    let res = app
+        .http
+        .post(app.url("/healthz"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_error_shape(res, 413, "payload_too_large").await;
+    // A plain HTTP GET on the WebSocket route is refused with the same shape.
+    let res = app.get("/ws").await;
+    assert!(res.status().is_client_error());
+    let body: Value = res.json().await.unwrap();
+    assert!(body["error"]["code"].is_string());
+    let res = app.get("/ws?channels=bad%20name").await;
+    assert_error_shape(res, 400, "invalid_input").await;
+}

@@ -1,0 +1,316 @@
+//! Test harness: start the real relay in-process on `127.0.0.1:0` with its own fresh Postgres
+//! database and its own Redis channel prefix, and talk to it over the network.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use relay::{
+    app::Application,
+    config::{LoadOptions, SecretUrl, Settings},
+    lifecycle::Lifecycle,
+};
+use serde_json::Value;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+/// Postgres server the tests use (override with `TEST_DATABASE_URL`).
+pub fn postgres_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Redis server the tests use (override with `TEST_REDIS_URL`).
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+const HOW_TO_START: &str = "start the services with `docker compose up -d postgres redis`, or on a \
+machine with them installed: `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
+and `redis-server --daemonize yes --port 6379`";
+
+/// Settings as the `local` environment would load them, pointed at the test services.
+pub fn base_settings() -> Settings {
+    let opts = LoadOptions {
+        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+        app_env: "local".to_owned(),
+        env: Default::default(),
+    };
+    let mut settings = Settings::load(&opts).expect("the shipped config must load");
+    settings.server.port = 0;
+    settings.redis.url = SecretUrl::new(redis_url());
+    settings.redis.channel_prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+    settings.shutdown.readiness_grace = Duration::ZERO;
+    settings.shutdown.drain_timeout = Duration::from_secs(5);
+    settings.log.level = "warn".to_owned();
+    settings
+}
+
+/// A fresh, empty database, dropped when this goes out of scope.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        drop_database(std::mem::take(&mut self.name));
+    }
+}
+
+/// Create an empty database. Panics, naming the service, if Postgres is down.
+pub async fn create_database() -> TestDatabase {
+    let admin_url = postgres_url();
+    let mut conn = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+        panic!("Postgres is not reachable at {admin_url} ({e}); {HOW_TO_START}")
+    });
+    let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
+    conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+        .await
+        .expect("create test database");
+    let mut url = url::Url::parse(&admin_url).expect("TEST_DATABASE_URL is a URL");
+    url.set_path(&name);
+    TestDatabase {
+        name,
+        url: url.to_string(),
+    }
+}
+
+fn drop_database(name: String) {
+    // Drop runs outside any runtime guarantee; use a private one on a plain thread.
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let mut conn = PgConnection::connect(&postgres_url()).await.ok()?;
+            conn.execute(sqlx::AssertSqlSafe(format!(
+                r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+            )))
+            .await
+            .ok()
+        })
+    })
+    .join();
+}
+
+async fn check_redis() {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("TEST_REDIS_URL is a Redis URL");
+    let result = tokio::time::timeout(
+        Duration::from_secs(3),
+        client.get_multiplexed_async_connection(),
+    )
+    .await;
+    if !matches!(result, Ok(Ok(_))) {
+        panic!("Redis is not reachable at {url}; {HOW_TO_START}");
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub settings: Settings,
+    pub db: TestDatabase,
+    pub lifecycle: Lifecycle,
+    pub http: reqwest::Client,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Start relay with default test settings and wait until it is ready.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Start relay after `customise` adjusted the settings, and wait until it is ready.
+pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let app = spawn_app_unready(customise).await;
+    app.wait_ready().await;
+    app
+}
+
+/// Start relay without waiting for readiness (for tests of unhealthy dependencies).
+pub async fn spawn_app_unready(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    check_redis().await;
+    let db = create_database().await;
+    let mut settings = base_settings();
+    settings.database.url = SecretUrl::new(db.url.clone());
+    customise(&mut settings);
+    let app = Application::build(settings.clone())
+        .await
+        .expect("app builds");
+    let addr = app.local_addr();
+    let lifecycle = app.lifecycle();
+    let server = tokio::spawn(async move {
+        app.run_until_stopped().await.expect("server runs");
+    });
+    TestApp {
+        addr,
+        settings,
+        db,
+        lifecycle,
+        http: reqwest::Client::new(),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{}", self.addr, query)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.expect("request")
+    }
+
+    /// Poll /readyz until it answers 200 (the Redis listener connects in the background).
+    pub async fn wait_ready(&self) {
+        for _ in 0..100 {
+            if let Ok(res) = self.http.get(self.url("/readyz")).send().await
+                && res.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("relay did not become ready within 5s");
+    }
+
+    pub async fn connect_ws(&self, query: &str) -> WsClient {
+        let (stream, _) = tokio_tungstenite::connect_async(self.ws_url(query))
+            .await
+            .expect("ws connect");
+        WsClient { stream }
+    }
+
+    /// Connect and wait for `subscribed` for each listed channel.
+    pub async fn subscribed_ws(&self, channels: &[&str]) -> WsClient {
+        let mut ws = self
+            .connect_ws(&format!("?channels={}", channels.join(",")))
+            .await;
+        for _ in channels {
+            ws.expect_type("subscribed").await;
+        }
+        ws
+    }
+
+    /// PUBLISH straight to Redis, as another program would.
+    pub async fn redis_publish(&self, channel: &str, payload: &str) {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(format!("{}{}", self.settings.redis.channel_prefix, channel))
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    /// Subscribers Redis counts for the channel (all replicas with this prefix).
+    pub async fn redis_numsub(&self, channel: &str) -> i64 {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("{}{}", self.settings.redis.channel_prefix, channel))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n
+    }
+
+    /// Trigger graceful shutdown and wait for the server to finish.
+    pub async fn shutdown(mut self) -> Duration {
+        let started = std::time::Instant::now();
+        self.lifecycle.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task");
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.lifecycle.cancel();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+pub struct WsClient {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    pub async fn send_json(&mut self, value: Value) {
+        self.stream
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream
+            .send(Message::Text(text.into()))
+            .await
+            .expect("ws send");
+    }
+
+    /// Next message of any kind, within 5 s.
+    pub async fn next_message(&mut self) -> Option<Message> {
+        match tokio::time::timeout(Duration::from_secs(5), self.stream.next()).await {
+            Ok(Some(Ok(msg))) => Some(msg),
+            Ok(_) => None,
+            Err(_) => panic!("no WebSocket message within 5s"),
+        }
+    }
+
+    /// Next JSON text frame, skipping pings/pongs, within 5 s.
+    pub async fn recv_json(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(text)) => {
+                    return serde_json::from_str(&text).expect("server sends JSON");
+                }
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn expect_type(&mut self, ty: &str) -> Value {
+        let frame = self.recv_json().await;
+        assert_eq!(frame["type"], ty, "unexpected frame {frame}");
+        frame
+    }
+
+    /// Read until the server's close frame; returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.next_message().await {
+                Some(Message::Close(Some(frame))) => return frame.code.into(),
+                Some(Message::Close(None)) | None => {
+                    panic!("connection ended without a close code")
+                }
+                Some(_) => continue,
+            }
+        }
+    }
+
+    /// Assert nothing but pings arrives for `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(msg) = tokio::time::timeout_at(deadline, self.stream.next()).await {
+            match msg {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+}

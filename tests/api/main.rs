@@ -1,0 +1,8 @@
+//! One integration-test binary (faster to link). Every test starts the real service on an
+//! unused port with its own database and Redis prefix, against real Postgres and Redis.
+
+mod config;
+mod health;
+mod helpers;
+mod lifecycle;
+mod realtime;

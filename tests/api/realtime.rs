@@ -1,0 +1,298 @@
+//! The realtime core: WebSocket and SSE fan-out through real Redis, across replicas.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{TestApp, WsClient, spawn_app, spawn_app_with};
+
+fn message(channel: &str, data: Value) -> Value {
+    json!({"type": "message", "channel": channel, "data": data, "id": null})
+}
+
+#[tokio::test]
+async fn two_clients_on_one_channel_both_receive() {
+    let app = spawn_app().await;
+    let mut a = app.subscribed_ws(&["room"]).await;
+    let mut b = app.subscribed_ws(&["room"]).await;
+    a.send_json(json!({"type": "publish", "channel": "room", "data": {"hello": "world"}}))
+        .await;
+    let expected = message("room", json!({"hello": "world"}));
+    assert_eq!(a.recv_json().await, expected);
+    assert_eq!(b.recv_json().await, expected);
+}
+
+#[tokio::test]
+async fn messages_cross_replicas_and_come_from_any_redis_publisher() {
+    let app1 = spawn_app().await;
+    let prefix = app1.settings.redis.channel_prefix.clone();
+    let app2 = spawn_app_with(|s| s.redis.channel_prefix = prefix).await;
+    let mut on1 = app1.subscribed_ws(&["news"]).await;
+    let mut on2 = app2.connect_ws("").await;
+    on2.send_json(json!({"type": "publish", "channel": "news", "data": [1, 2, 3]}))
+        .await;
+    assert_eq!(on1.recv_json().await, message("news", json!([1, 2, 3])));
+
+    // Any other program PUBLISHing the envelope (id optional, unknown fields ignored).
+    app1.redis_publish(
+        "news",
+        r#"{"data":{"from":"redis-cli"},"id":42,"extra":true}"#,
+    )
+    .await;
+    assert_eq!(
+        on1.recv_json().await,
+        json!({"type": "message", "channel": "news", "data": {"from": "redis-cli"}, "id": 42})
+    );
+}
+
+#[tokio::test]
+async fn a_message_published_right_after_subscribed_is_never_lost() {
+    let app = spawn_app().await;
+    let mut ws = app.connect_ws("").await;
+    for i in 0..100 {
+        let channel = format!("ack-{i}");
+        ws.send_json(json!({"type": "subscribe", "channel": channel}))
+            .await;
+        assert_eq!(
+            ws.expect_type("subscribed").await["channel"],
+            channel.as_str()
+        );
+        app.redis_publish(&channel, &format!(r#"{{"data":{i}}}"#))
+            .await;
+        let got = ws.expect_type("message").await;
+        assert_eq!(got["channel"], channel.as_str());
+        assert_eq!(got["data"], i);
+    }
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery_and_releases_the_redis_subscription() {
+    let app = spawn_app().await;
+    let mut a = app.subscribed_ws(&["topic"]).await;
+    let mut b = app.subscribed_ws(&["topic"]).await;
+    // One replica, one Redis subscription however many local subscribers.
+    assert_eq!(app.redis_numsub("topic").await, 1);
+
+    a.send_json(json!({"type": "unsubscribe", "channel": "topic"}))
+        .await;
+    assert_eq!(a.expect_type("unsubscribed").await["channel"], "topic");
+    assert_eq!(app.redis_numsub("topic").await, 1, "b still listens");
+    app.redis_publish("topic", r#"{"data":"only b"}"#).await;
+    assert_eq!(b.expect_type("message").await["data"], "only b");
+    a.expect_silence(Duration::from_millis(300)).await;
+
+    // The last local subscriber leaving (here: disconnecting) really UNSUBSCRIBEs.
+    drop(b);
+    let mut numsub = 1;
+    for _ in 0..100 {
+        numsub = app.redis_numsub("topic").await;
+        if numsub == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(numsub, 0);
+}
+
+#[tokio::test]
+async fn one_thousand_messages_arrive_in_order_at_every_subscriber() {
+    let app = spawn_app().await;
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(app.subscribed_ws(&["seq"]).await);
+    }
+    let mut publisher = app.connect_ws("").await;
+    for i in 0..1000 {
+        publisher
+            .send_json(json!({"type": "publish", "channel": "seq", "data": {"n": i}}))
+            .await;
+    }
+    for sub in &mut subs {
+        for i in 0..1000 {
+            let frame = sub.expect_type("message").await;
+            assert_eq!(frame["data"]["n"], i);
+        }
+    }
+}
+
+/// A client whose socket receive buffer is tiny and who never reads.
+async fn connect_non_reading(app: &TestApp, query: &str) -> WsClient {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (stream, _) = tokio_tungstenite::client_async(
+        app.ws_url(query),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    WsClient { stream }
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything() {
+    let app = spawn_app_with(|s| {
+        s.ws.outbox_capacity = 8;
+        s.ws.write_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut slow = connect_non_reading(&app, "?channels=firehose").await;
+    let mut healthy = app.subscribed_ws(&["firehose"]).await;
+    // Make sure the slow client is subscribed before flooding (it reads just this frame).
+    slow.expect_type("subscribed").await;
+
+    let blob = "x".repeat(64 * 1024);
+    let total = 300;
+    let reader = tokio::spawn(async move {
+        for i in 0..total {
+            let frame = healthy.expect_type("message").await;
+            assert_eq!(frame["data"]["n"], i);
+        }
+        healthy
+    });
+    for i in 0..total {
+        app.redis_publish(
+            "firehose",
+            &json!({"data": {"n": i, "blob": blob}}).to_string(),
+        )
+        .await;
+    }
+    let _healthy = reader
+        .await
+        .expect("healthy client received all messages in order");
+    // The slow client now reads: whatever was buffered, then the slow-consumer close.
+    assert_eq!(slow.expect_close().await, 4008);
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
+    let app = spawn_app().await;
+    let mut ws = app.connect_ws("").await;
+    let cases: &[(&str, &str)] = &[
+        ("{not json", "invalid_json"),
+        (r#"{"type":"dance"}"#, "unknown_type"),
+        (r#"{"type":"subscribe"}"#, "invalid_frame"),
+        (
+            r#"{"type":"subscribe","channel":"no spaces"}"#,
+            "invalid_channel",
+        ),
+        (r#"{"type":"publish","channel":"x"}"#, "invalid_frame"),
+        (r#"{"type":"subscribe","channel":""}"#, "invalid_channel"),
+    ];
+    for (text, code) in cases {
+        ws.send_text(text).await;
+        let frame = ws.expect_type("error").await;
+        assert_eq!(frame["code"], *code, "{text}: {frame}");
+        assert!(frame["message"].is_string());
+    }
+    ws.stream
+        .send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(ws.expect_type("error").await["code"], "unsupported_binary");
+    ws.send_json(json!({"type": "ping"})).await;
+    ws.expect_type("pong").await;
+}
+
+#[tokio::test]
+async fn too_many_subscriptions_get_an_error_frame() {
+    let app = spawn_app_with(|s| s.ws.max_subscriptions = 2).await;
+    let mut ws = app.subscribed_ws(&["a", "b"]).await;
+    ws.send_json(json!({"type": "subscribe", "channel": "c"}))
+        .await;
+    assert_eq!(
+        ws.expect_type("error").await["code"],
+        "too_many_subscriptions"
+    );
+    // Re-subscribing to a channel already held is fine.
+    ws.send_json(json!({"type": "subscribe", "channel": "a"}))
+        .await;
+    ws.expect_type("subscribed").await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let app = spawn_app_with(|s| s.ws.max_message_bytes = 1024).await;
+    let mut ws = app.connect_ws("").await;
+    let big = json!({"type": "publish", "channel": "x", "data": "y".repeat(4096)});
+    ws.send_json(big).await;
+    assert_eq!(ws.expect_close().await, 1009);
+}
+
+#[tokio::test]
+async fn garbage_redis_payloads_are_skipped_and_the_listener_keeps_going() {
+    let app = spawn_app().await;
+    let mut ws = app.subscribed_ws(&["g"]).await;
+    for garbage in [
+        "not json",
+        "{\"id\":1}",
+        "[1,2]",
+        "{\"data\":",
+        "\u{0}\u{1}",
+    ] {
+        app.redis_publish("g", garbage).await;
+    }
+    app.redis_publish("g", r#"{"data":"fine"}"#).await;
+    assert_eq!(ws.expect_type("message").await["data"], "fine");
+}
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_1001_within_the_deadline() {
+    let app = spawn_app().await;
+    let mut a = app.subscribed_ws(&["bye"]).await;
+    let mut b = app.connect_ws("").await;
+    let deadline = app.settings.shutdown.drain_timeout;
+    let closes = tokio::spawn(async move { (a.expect_close().await, b.expect_close().await) });
+    let took = app.shutdown().await;
+    assert_eq!(closes.await.unwrap(), (1001, 1001));
+    assert!(took < deadline, "shutdown took {took:?}");
+}
+
+#[tokio::test]
+async fn sse_receives_the_same_messages_as_websocket() {
+    let app = spawn_app().await;
+    let mut ws = app.subscribed_ws(&["feed"]).await;
+    let res = app
+        .http
+        .get(app.url("/sse?channels=feed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut res = res;
+    app.redis_publish("feed", r#"{"data":{"k":1},"id":5}"#)
+        .await;
+    let ws_frame = ws.expect_type("message").await;
+
+    let mut text = String::new();
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let chunk = res.chunk().await.expect("chunk").expect("stream open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(pos) = text.find("event: message") {
+                let rest = &text[pos..];
+                if let Some(end) = rest.find("\n\n") {
+                    return rest[..end].to_owned();
+                }
+            }
+        }
+    })
+    .await
+    .expect("SSE message within 5s");
+    let data = event
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("data line");
+    assert_eq!(serde_json::from_str::<Value>(data).unwrap(), ws_frame);
+    assert!(event.lines().any(|l| l == "id: 5"), "{event}");
+}
+
+#[tokio::test]
+async fn sse_rejects_bad_channel_lists() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/sse").await.status(), 400);
+    assert_eq!(app.get("/sse?channels=a%20b").await.status(), 400);
+}
