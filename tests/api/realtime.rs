@@ -296,3 +296,98 @@ async fn sse_rejects_bad_channel_lists() {
     assert_eq!(app.get("/sse").await.status(), 400);
     assert_eq!(app.get("/sse?channels=a%20b").await.status(), 400);
 }
+
+/// A private `redis-server` on a fixed port, so the test can kill and restart it.
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (see README: Test)");
+        Self { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn wait_up(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("private redis-server did not start on port {}", self.port);
+    }
+
+    async fn publish(&self, channel: &str, payload: &str) -> i64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut conn).await.unwrap()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for_status(app: &TestApp, path: &str, status: u16) {
+    for _ in 0..200 {
+        if app.get(path).await.status() == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} did not turn {status} within 10s");
+}
+
+#[tokio::test]
+async fn clients_stay_connected_through_a_redis_restart() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let redis = OwnRedis::start(port);
+    redis.wait_up().await;
+    let url = redis.url();
+    let app = spawn_app_with(|s| {
+        s.redis.url = relay::config::SecretUrl::new(url);
+        s.redis.reconnect_min_delay = Duration::from_millis(50);
+        s.redis.reconnect_max_delay = Duration::from_millis(500);
+    })
+    .await;
+    let prefix = app.settings.redis.channel_prefix.clone();
+    let mut sub = app.subscribed_ws(&["survivor"]).await;
+    let mut publisher = app.connect_ws("").await;
+    redis.publish(&format!("{prefix}survivor"), r#"{"data":"before"}"#).await;
+    assert_eq!(sub.expect_type("message").await["data"], "before");
+
+    drop(redis);
+    wait_for_status(&app, "/readyz", 503).await;
+    // Publishing while Redis is down answers at once with an error frame, never hangs.
+    publisher.send_json(json!({"type": "publish", "channel": "survivor", "data": 1})).await;
+    assert_eq!(publisher.expect_type("error").await["code"], "unavailable");
+    // Subscribing to a new channel during the outage is refused the same way.
+    publisher.send_json(json!({"type": "subscribe", "channel": "other"})).await;
+    assert_eq!(publisher.expect_type("error").await["code"], "unavailable");
+
+    let redis = OwnRedis::start(port);
+    redis.wait_up().await;
+    wait_for_status(&app, "/readyz", 200).await;
+    // The listener resubscribed: messages flow to the client that stayed connected.
+    redis.publish(&format!("{prefix}survivor"), r#"{"data":"after"}"#).await;
+    assert_eq!(sub.expect_type("message").await["data"], "after");
+    // And the shared publishing connection recovered too.
+    publisher.send_json(json!({"type": "publish", "channel": "survivor", "data": "via ws"})).await;
+    assert_eq!(sub.expect_type("message").await["data"], "via ws");
+}
