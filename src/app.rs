@@ -13,7 +13,8 @@ use crate::{
     config::Settings,
     http,
     lifecycle::Lifecycle,
-    pubsub::{PubSub, PubSubError},
+    pubsub::{HistorySource, PubSub, PubSubError},
+    retention,
     state::AppState,
     store::{self, StoreError},
 };
@@ -50,7 +51,16 @@ impl Application {
             store::migrate(&db).await?;
             tracing::info!("migrations applied");
         }
-        let pubsub = PubSub::start(&settings.redis, &lifecycle)?;
+        let history = HistorySource {
+            db: db.clone(),
+            settings: settings.history.clone(),
+            timeout: settings.database.acquire_timeout,
+        };
+        let pubsub = PubSub::start(&settings.redis, history, &lifecycle)?;
+        lifecycle.spawn(
+            "history_retention",
+            retention::run(db.clone(), settings.history.clone(), lifecycle.clone()),
+        );
         let addr = SocketAddr::new(settings.server.host, settings.server.port);
         let listener = TcpListener::bind(addr)
             .await

@@ -73,6 +73,7 @@ pub struct Settings {
     pub health: HealthSettings,
     pub ws: WsSettings,
     pub sse: SseSettings,
+    pub history: HistorySettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -189,6 +190,28 @@ pub struct SseSettings {
     pub keepalive_interval: Duration,
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Messages older than this are pruned.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Only the newest this many messages of each channel are kept.
+    pub max_per_channel: i64,
+    /// How often the retention task runs.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Rows deleted per statement, so pruning never holds long locks.
+    pub prune_batch: i64,
+    /// Page size of the history API when `limit` is not given.
+    pub default_page_size: i64,
+    /// Largest `limit` the history API accepts.
+    pub max_page_size: i64,
+    /// How long a replica waits for a missing offset before filling the gap from Postgres.
+    #[serde(with = "humantime_serde")]
+    pub gap_wait: Duration,
+}
+
 impl Settings {
     /// Load from the files and variables described by `opts`, then validate.
     pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
@@ -303,6 +326,26 @@ impl Settings {
             ));
         }
         positive("sse.keepalive_interval", self.sse.keepalive_interval)?;
+        let h = &self.history;
+        positive("history.ttl", h.ttl)?;
+        positive("history.prune_interval", h.prune_interval)?;
+        positive("history.gap_wait", h.gap_wait)?;
+        for (key, value) in [
+            ("history.max_per_channel", h.max_per_channel),
+            ("history.prune_batch", h.prune_batch),
+            ("history.default_page_size", h.default_page_size),
+            ("history.max_page_size", h.max_page_size),
+        ] {
+            if value < 1 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        if h.default_page_size > h.max_page_size {
+            return Err(ConfigError::invalid(
+                "history.default_page_size",
+                "must not exceed history.max_page_size",
+            ));
+        }
         Ok(())
     }
 }

@@ -8,6 +8,8 @@
 //!   [`state::AppState`]; the [`lifecycle::Lifecycle`] owns every background task and shutdown.
 //! * [`pubsub`] runs the Redis listener task and fans messages out to local sessions through
 //!   bounded outboxes; [`ws`] and [`sse`] are those sessions; [`protocol`] is the wire format.
+//! * [`publish`] is the publish path (commit, then PUBLISH); [`history`] replays stored messages
+//!   for `since` subscriptions; [`retention`] prunes old history in the background.
 //! * [`http`] holds the router, the error type and middleware; [`store`] every SQL query.
 //! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`).
 //!
@@ -16,10 +18,13 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod lifecycle;
 pub mod protocol;
+pub mod publish;
 pub mod pubsub;
+pub mod retention;
 pub mod sse;
 pub mod state;
 pub mod store;

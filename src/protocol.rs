@@ -42,11 +42,57 @@ pub fn parse_channel_list(list: &str) -> Result<Vec<String>, InvalidChannel> {
     Ok(out)
 }
 
+/// A subscription requested in a URL query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuerySubscription {
+    pub channel: String,
+    /// Replay stored messages after this offset first.
+    pub since: Option<i64>,
+}
+
+/// Parse `channels=a,b&since.a=41` (the form `/ws` and `/sse` accept). Other parameters are
+/// ignored; a `since.x` for a channel not listed, or not a non-negative integer, is an error.
+pub fn parse_subscription_query(query: Option<&str>) -> Result<Vec<QuerySubscription>, String> {
+    let mut channels = Vec::new();
+    let mut since = Vec::new();
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if key == "channels" {
+            channels.extend(parse_channel_list(&value).map_err(|e| e.to_string())?);
+        } else if let Some(channel) = key.strip_prefix("since.") {
+            let offset = value
+                .parse::<i64>()
+                .ok()
+                .filter(|o| *o >= 0)
+                .ok_or_else(|| format!("`{key}` must be a non-negative integer offset"))?;
+            since.push((channel.to_owned(), offset));
+        }
+    }
+    channels.dedup();
+    let mut subs: Vec<QuerySubscription> = Vec::new();
+    for channel in channels {
+        if !subs.iter().any(|s| s.channel == channel) {
+            subs.push(QuerySubscription {
+                channel,
+                since: None,
+            });
+        }
+    }
+    for (channel, offset) in since {
+        let sub = subs
+            .iter_mut()
+            .find(|s| s.channel == channel)
+            .ok_or_else(|| format!("`since.{channel}` names a channel not in `channels`"))?;
+        sub.since = Some(offset);
+    }
+    Ok(subs)
+}
+
 /// A frame sent by a client, parsed from a JSON text message.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
     Subscribe {
         channel: Cow<'a, str>,
+        since: Option<i64>,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -96,6 +142,14 @@ struct ChannelBody<'a> {
 }
 
 #[derive(Deserialize)]
+struct SubscribeBody<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(default)]
+    since: Option<i64>,
+}
+
+#[derive(Deserialize)]
 struct PublishBody<'a> {
     #[serde(borrow)]
     channel: Cow<'a, str>,
@@ -127,9 +181,18 @@ impl<'a> ClientFrame<'a> {
         }
         let frame = match &*ty {
             "subscribe" => {
-                let b: ChannelBody = body("subscribe", text)?;
+                let b: SubscribeBody = body("subscribe", text)?;
                 validate_channel(&b.channel)?;
-                Self::Subscribe { channel: b.channel }
+                if b.since.is_some_and(|s| s < 0) {
+                    return Err(FrameError::InvalidFrame {
+                        ty: "subscribe",
+                        reason: "`since` must be a non-negative offset".to_owned(),
+                    });
+                }
+                Self::Subscribe {
+                    channel: b.channel,
+                    since: b.since,
+                }
             }
             "unsubscribe" => {
                 let b: ChannelBody = body("unsubscribe", text)?;
@@ -200,6 +263,18 @@ struct MessageJson<'a> {
 }
 
 #[derive(Serialize)]
+struct SubscribedJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    channel: &'a str,
+    last_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oldest_id: Option<i64>,
+}
+
+#[derive(Serialize)]
 struct ChannelJson<'a> {
     #[serde(rename = "type")]
     ty: &'static str,
@@ -236,11 +311,32 @@ impl ServerFrame {
         encode(FrameKind::Message, &json, id)
     }
 
-    /// `{"type":"subscribed","channel":…}`
-    pub fn subscribed(channel: &str) -> Self {
-        let json = ChannelJson {
+    /// `{"type":"subscribed","channel":…,"last_id":…}`: live delivery continues after `last_id`.
+    pub fn subscribed(channel: &str, last_id: i64) -> Self {
+        let json = SubscribedJson {
             ty: "subscribed",
             channel,
+            last_id,
+            recovered: None,
+            oldest_id: None,
+        };
+        encode(FrameKind::Subscribed, &json, None)
+    }
+
+    /// `subscribed` for a subscription with `since`: whether every message after `since` will be
+    /// replayed (`recovered`), and if not, the oldest offset still available.
+    pub fn subscribed_recovering(
+        channel: &str,
+        last_id: i64,
+        recovered: bool,
+        oldest_id: i64,
+    ) -> Self {
+        let json = SubscribedJson {
+            ty: "subscribed",
+            channel,
+            last_id,
+            recovered: Some(recovered),
+            oldest_id: (!recovered).then_some(oldest_id),
         };
         encode(FrameKind::Subscribed, &json, None)
     }
@@ -326,6 +422,28 @@ mod tests {
         assert!(validate_channel("é").is_err());
         assert_eq!(parse_channel_list("a, b,,a").unwrap(), vec!["a", "b"]);
         assert!(parse_channel_list("a,b/c").is_err());
+    }
+
+    #[test]
+    fn subscription_queries() {
+        let subs = parse_subscription_query(Some("channels=a,b&since.b=41&token=x")).unwrap();
+        assert_eq!(
+            subs,
+            vec![
+                QuerySubscription {
+                    channel: "a".into(),
+                    since: None
+                },
+                QuerySubscription {
+                    channel: "b".into(),
+                    since: Some(41)
+                },
+            ]
+        );
+        assert!(parse_subscription_query(Some("channels=a&since.c=1")).is_err());
+        assert!(parse_subscription_query(Some("channels=a&since.a=-1")).is_err());
+        assert!(parse_subscription_query(Some("channels=a%20b")).is_err());
+        assert!(parse_subscription_query(None).unwrap().is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::{
 use axum::{
     Extension,
     extract::{
-        State,
+        RawQuery, State,
         ws::{
             CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
         },
@@ -22,15 +22,16 @@ use axum::{
     response::Response,
 };
 use futures_util::SinkExt;
-use serde::Deserialize;
 
 use crate::{
-    http::{
-        error::{ApiError, AppQuery},
-        middleware::RequestId,
+    history,
+    http::{error::ApiError, middleware::RequestId},
+    protocol::{ClientFrame, QuerySubscription, ServerFrame, parse_subscription_query},
+    publish,
+    pubsub::{
+        PubSubError, SessionOutbox,
+        outbox::{Drained, Outgoing},
     },
-    protocol::{ClientFrame, ServerFrame, parse_channel_list},
-    pubsub::{PubSubError, SessionOutbox, outbox::Drained},
     state::AppState,
 };
 
@@ -48,24 +49,17 @@ pub mod close_code {
 /// garbage is broken or hostile, and every bad frame costs an error frame.
 const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 32;
 
-#[derive(Debug, Deserialize)]
-pub struct WsParams {
-    #[serde(default)]
-    channels: Option<String>,
-}
-
 /// Validate the query, then upgrade. Refusals happen before the upgrade, as JSON errors.
 pub async fn upgrade(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    AppQuery(params): AppQuery<WsParams>,
+    RawQuery(query): RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     if state.lifecycle.is_draining() {
         return Err(ApiError::Unavailable("server is shutting down".to_owned()));
     }
-    let channels = parse_channel_list(params.channels.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::Validation(e.to_string()))?;
+    let channels = parse_subscription_query(query.as_deref()).map_err(ApiError::Validation)?;
     let cfg = &state.settings.ws;
     if channels.len() > cfg.max_subscriptions {
         return Err(ApiError::Validation(format!(
@@ -114,15 +108,15 @@ impl Session {
         }
     }
 
-    async fn run(mut self, mut socket: WebSocket, initial: Vec<String>) {
+    async fn run(mut self, mut socket: WebSocket, initial: Vec<QuerySubscription>) {
         let started = Instant::now();
         metrics::gauge!("relay_ws_connections").increment(1.0);
         tracing::debug!(
             request_id = &*self.request_id.0,
             "WebSocket session started"
         );
-        for channel in &initial {
-            self.subscribe(channel).await;
+        for sub in &initial {
+            self.subscribe(&sub.channel, sub.since).await;
         }
         let end = self.event_loop(&mut socket).await;
         let code = match end {
@@ -212,7 +206,7 @@ impl Session {
     async fn flush_outbox(
         &mut self,
         socket: &mut WebSocket,
-        batch: &mut VecDeque<crate::protocol::ServerFrame>,
+        batch: &mut VecDeque<Outgoing>,
         write_timeout: Duration,
     ) -> Option<End> {
         loop {
@@ -222,18 +216,47 @@ impl Session {
             if batch.is_empty() {
                 return None;
             }
-            let write = async {
-                for frame in batch.drain(..) {
-                    socket.feed(Message::Text(frame.text)).await?;
+            while let Some(item) = batch.pop_front() {
+                let written = match item {
+                    Outgoing::Frame(frame) => feed(socket, frame, write_timeout).await,
+                    Outgoing::Replay(replay) => self.replay(socket, &replay, write_timeout).await,
+                };
+                if let Err(end) = written {
+                    return Some(end);
                 }
-                socket.flush().await
-            };
-            match tokio::time::timeout(write_timeout, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Some(End::Gone),
-                Err(_) => return Some(End::Close(close_code::SLOW_CONSUMER, "write timeout")),
+            }
+            if let Err(end) = flush(socket, write_timeout).await {
+                return Some(end);
             }
             // Pushes that arrived during the write are picked up by the next iteration.
+        }
+    }
+
+    /// Send `subscribed` and the stored history of a `since` subscription, page by page.
+    async fn replay(
+        &mut self,
+        socket: &mut WebSocket,
+        replay: &crate::pubsub::outbox::Replay,
+        write_timeout: Duration,
+    ) -> Result<(), End> {
+        let (first, cursor) = history::start_replay(&self.state.db, replay).await;
+        for frame in first {
+            feed(socket, frame, write_timeout).await?;
+        }
+        let Some(mut cursor) = cursor else {
+            return Ok(());
+        };
+        loop {
+            match cursor.next_page().await {
+                Ok(Some(frames)) => {
+                    for frame in frames {
+                        feed(socket, frame, write_timeout).await?;
+                    }
+                    flush(socket, write_timeout).await?;
+                }
+                Ok(None) => return Ok(()),
+                Err(err) => return feed(socket, cursor.failure_frame(&err), write_timeout).await,
+            }
         }
     }
 
@@ -253,14 +276,22 @@ impl Session {
         };
         self.bad_frames = 0;
         match frame {
-            ClientFrame::Subscribe { channel } => self.subscribe(&channel).await,
+            ClientFrame::Subscribe { channel, since } => self.subscribe(&channel, since).await,
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(&channel).await,
             ClientFrame::Publish { channel, data } => {
-                if let Err(err) = self.state.pubsub.publish(&channel, data, None).await {
+                // Refused while this replica has no Redis connection: an interactive publisher
+                // gets a definite answer and can retry (the HTTP API accepts durably instead).
+                if !self.state.pubsub.is_listening() {
+                    return self.reply(ServerFrame::error(
+                        "unavailable",
+                        "not connected to Redis; publish again shortly",
+                    ));
+                }
+                if let Err(err) = publish::publish(&self.state, &channel, data).await {
                     tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
                     self.reply(ServerFrame::error(
                         "unavailable",
-                        &format!("publish failed: {err}"),
+                        "publish failed: message store unavailable",
                     ));
                 }
             }
@@ -268,7 +299,7 @@ impl Session {
         }
     }
 
-    async fn subscribe(&mut self, channel: &str) {
+    async fn subscribe(&mut self, channel: &str, since: Option<i64>) {
         let already = self.subscriptions.iter().any(|c| &**c == channel);
         if !already && self.subscriptions.len() >= self.state.settings.ws.max_subscriptions {
             return self.reply(ServerFrame::error(
@@ -279,9 +310,14 @@ impl Session {
                 ),
             ));
         }
-        match self.state.pubsub.subscribe(channel, &self.outbox).await {
-            Ok(()) if !already => self.subscriptions.push(channel.into()),
-            Ok(()) => {}
+        match self
+            .state
+            .pubsub
+            .subscribe(channel, &self.outbox, since)
+            .await
+        {
+            Ok(_) if !already => self.subscriptions.push(channel.into()),
+            Ok(_) => {}
             // The listener queued the error frame itself.
             Err(PubSubError::ListenerStopped) => {
                 self.reply(ServerFrame::error("unavailable", "server is shutting down"))
@@ -312,6 +348,26 @@ impl Drop for Session {
     fn drop(&mut self) {
         let channels = std::mem::take(&mut self.subscriptions);
         self.state.pubsub.leave(channels, Arc::clone(&self.outbox));
+    }
+}
+
+async fn feed(
+    socket: &mut WebSocket,
+    frame: crate::protocol::ServerFrame,
+    write_timeout: Duration,
+) -> Result<(), End> {
+    match tokio::time::timeout(write_timeout, socket.feed(Message::Text(frame.text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Close(close_code::SLOW_CONSUMER, "write timeout")),
+    }
+}
+
+async fn flush(socket: &mut WebSocket, write_timeout: Duration) -> Result<(), End> {
+    match tokio::time::timeout(write_timeout, socket.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Close(close_code::SLOW_CONSUMER, "write timeout")),
     }
 }
 

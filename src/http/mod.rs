@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod health;
+pub mod messages;
 pub mod middleware;
 
 use axum::{
@@ -35,6 +36,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/ws", get(ws::upgrade))
         .route("/sse", get(sse::stream))
+        .route(
+            "/api/v1/channels/{channel}/messages",
+            get(messages::list_messages).post(messages::publish_message),
+        )
         .with_state(state)
         .layer(
             ServiceBuilder::new()

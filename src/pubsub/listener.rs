@@ -5,9 +5,14 @@
 //! and fans it out through the [`ChannelRegistry`]. Sessions talk to it only through a bounded
 //! command queue, so the registry has a single owner and needs no lock.
 //!
+//! Messages carrying an offset go through the channel's [`Sequencer`]: duplicates are dropped,
+//! reordering is undone, and gaps are filled from Postgres, so subscribers see consecutive
+//! offsets.
+//!
 //! If the connection drops, the listener keeps serving commands (answering subscribes with
-//! `unavailable`), reconnects with exponential backoff and jitter, and resubscribes every channel
-//! that still has local subscribers; connected clients stay connected throughout.
+//! `unavailable`), reconnects with exponential backoff and jitter, resubscribes every channel
+//! that still has local subscribers, and catches each one up from Postgres, so clients that stayed
+//! connected through the outage miss nothing that was committed meanwhile.
 
 use std::{
     sync::{
@@ -19,25 +24,38 @@ use std::{
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    config::RedisSettings,
+    config::{HistorySettings, RedisSettings},
     lifecycle::Lifecycle,
     protocol::{Envelope, ServerFrame},
+    store::{self, messages::StoredMessage},
 };
 
-use super::{PubSubError, outbox::SessionOutbox, registry::ChannelRegistry};
+use super::{
+    PubSubError,
+    outbox::{Outgoing, Replay, SessionOutbox},
+    registry::{ChannelRegistry, FanOut},
+    sequencer::Sequencer,
+};
+
+/// Rows read per query when catching up after a reconnect or filling a gap.
+const CATCH_UP_PAGE: i64 = 1000;
 
 /// Requests from sessions to the listener.
 #[derive(Debug)]
 pub enum Command {
     /// Add the outbox to the channel once Redis confirmed the subscription, then queue
-    /// `subscribed` (or an `unavailable` error frame) into it.
+    /// `subscribed` (or a replay, or an `unavailable` error frame) into it.
     Subscribe {
         channel: Box<str>,
         outbox: Arc<SessionOutbox>,
-        reply: oneshot::Sender<Result<(), PubSubError>>,
+        /// Replay stored messages after this offset before live ones.
+        since: Option<i64>,
+        /// Ok carries the offset live delivery continues after.
+        reply: oneshot::Sender<Result<i64, PubSubError>>,
     },
     /// Remove the outbox from the channel and queue `unsubscribed` into it.
     Unsubscribe {
@@ -63,9 +81,19 @@ impl ListenerStatus {
     }
 }
 
+/// What the listener reads history from.
+#[derive(Clone)]
+pub struct HistorySource {
+    pub db: PgPool,
+    pub settings: HistorySettings,
+    /// Upper bound for one Postgres read.
+    pub timeout: Duration,
+}
+
 pub struct Listener {
     client: redis::Client,
     settings: RedisSettings,
+    history: HistorySource,
     registry: ChannelRegistry,
     commands: mpsc::Receiver<Command>,
     status: Arc<ListenerStatus>,
@@ -80,6 +108,7 @@ impl Listener {
     pub fn new(
         client: redis::Client,
         settings: RedisSettings,
+        history: HistorySource,
         commands: mpsc::Receiver<Command>,
         status: Arc<ListenerStatus>,
         lifecycle: Lifecycle,
@@ -87,6 +116,7 @@ impl Listener {
         Self {
             client,
             settings,
+            history,
             registry: ChannelRegistry::new(),
             commands,
             status,
@@ -107,6 +137,7 @@ impl Listener {
         let mut ever_connected = false;
         loop {
             let connected = stream.is_some();
+            let next_gap = self.registry.next_gap().map(|(deadline, _)| deadline);
             tokio::select! {
                 _ = self.lifecycle.cancelled() => break,
                 command = self.commands.recv() => match command {
@@ -120,6 +151,7 @@ impl Listener {
                         self.sink = None;
                     }
                 },
+                _ = sleep_until_opt(next_gap) => self.fill_due_gaps().await,
                 _ = tokio::time::sleep_until(reconnect_at), if !connected => {
                     match self.connect().await {
                         Ok(new_stream) => {
@@ -128,6 +160,7 @@ impl Listener {
                             if ever_connected {
                                 metrics::counter!("relay_redis_reconnects_total").increment(1);
                                 tracing::info!(channels = self.registry.channel_count(), "Redis pub/sub reconnected and resubscribed");
+                                self.catch_up_all().await;
                             } else {
                                 tracing::info!("Redis pub/sub listener connected");
                             }
@@ -198,17 +231,28 @@ impl Listener {
             Command::Subscribe {
                 channel,
                 outbox,
+                since,
                 reply,
             } => {
                 let result = self.subscribe(&channel, &outbox).await;
-                let frame = match &result {
-                    Ok(()) => ServerFrame::subscribed(&channel),
-                    Err(err) => ServerFrame::error(
-                        "unavailable",
-                        &format!("cannot subscribe to `{channel}` right now: {err}"),
-                    ),
-                };
-                outbox.push(frame);
+                match (&result, since) {
+                    (Ok(last), None) => {
+                        outbox.push(ServerFrame::subscribed(&channel, *last));
+                    }
+                    (Ok(last), Some(since)) => {
+                        outbox.push(Outgoing::Replay(Box::new(Replay {
+                            channel: channel.clone(),
+                            since,
+                            upto: *last,
+                        })));
+                    }
+                    (Err(err), _) => {
+                        outbox.push(ServerFrame::error(
+                            "unavailable",
+                            &format!("cannot subscribe to `{channel}` right now: {err}"),
+                        ));
+                    }
+                }
                 // The session may have gone meanwhile; nothing to do then.
                 let _ = reply.send(result);
             }
@@ -229,11 +273,13 @@ impl Listener {
         }
     }
 
+    /// Make sure Redis delivers the channel and its sequencer is initialised, then add the
+    /// outbox. Returns the offset live delivery to this outbox continues after.
     async fn subscribe(
         &mut self,
         channel: &str,
         outbox: &Arc<SessionOutbox>,
-    ) -> Result<(), PubSubError> {
+    ) -> Result<i64, PubSubError> {
         if outbox.is_closed() {
             return Err(PubSubError::SessionClosed);
         }
@@ -247,9 +293,38 @@ impl Listener {
                 self.sink = None;
                 return Err(err);
             }
+            // Read the head only now that Redis delivers: anything committed later arrives
+            // live, anything earlier is history. Either way nothing falls in between.
+            let position = store::messages::position(&self.history.db, channel);
+            let last = match tokio::time::timeout(self.history.timeout, position).await {
+                Ok(Ok(position)) => position.last_offset,
+                Ok(Err(err)) => {
+                    return Err(self.abandon(channel, PubSubError::History(err.to_string())));
+                }
+                Err(_) => {
+                    return Err(self.abandon(
+                        channel,
+                        PubSubError::History("Postgres did not answer in time".into()),
+                    ));
+                }
+            };
+            self.registry.open(
+                channel,
+                Sequencer::new(last, self.history.settings.gap_wait),
+            );
         }
         self.registry.add(channel, outbox);
-        Ok(())
+        Ok(self
+            .registry
+            .sequencer(channel)
+            .map(Sequencer::last)
+            .unwrap_or_default())
+    }
+
+    /// A subscribe failed after SUBSCRIBE: release the Redis subscription again.
+    fn abandon(&mut self, channel: &str, err: PubSubError) -> PubSubError {
+        self.orphaned.push(channel.into());
+        err
     }
 
     async fn unsubscribe_redis(&mut self, channel: &str) {
@@ -284,7 +359,23 @@ impl Listener {
             }
         };
         let frame = ServerFrame::message(channel, envelope.data, envelope.id);
-        let result = self.registry.fan_out(channel, &frame);
+        let result = match envelope.id {
+            Some(id) => {
+                let (result, duplicate) =
+                    self.registry
+                        .deliver_sequenced(channel, id, frame, Instant::now());
+                if duplicate {
+                    metrics::counter!("relay_duplicates_dropped_total").increment(1);
+                }
+                result
+            }
+            None => self.registry.deliver_unsequenced(channel, &frame),
+        };
+        let channel: Box<str> = channel.into();
+        self.account(&channel, result);
+    }
+
+    fn account(&mut self, channel: &str, result: FanOut) {
         metrics::counter!("relay_messages_delivered_total").increment(result.delivered as u64);
         if result.overflowed > 0 {
             metrics::counter!("relay_slow_consumer_disconnects_total")
@@ -292,8 +383,111 @@ impl Listener {
         }
         if result.now_empty {
             // Pruning removed the last (departed) subscriber. Unsubscribing needs an `.await`,
-            // which the main loop does right after this message.
+            // which the main loop does right after this step.
             self.orphaned.push(channel.into());
+        }
+    }
+
+    async fn read_stored(
+        &self,
+        channel: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<StoredMessage>, PubSubError> {
+        let read =
+            store::messages::read_range(&self.history.db, channel, after, upto, CATCH_UP_PAGE);
+        match tokio::time::timeout(self.history.timeout, read).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(err)) => Err(PubSubError::History(err.to_string())),
+            Err(_) => Err(PubSubError::History(
+                "Postgres did not answer in time".to_owned(),
+            )),
+        }
+    }
+
+    /// Fill every gap whose wait is over from Postgres.
+    async fn fill_due_gaps(&mut self) {
+        let now = Instant::now();
+        while let Some((deadline, channel)) = self.registry.next_gap() {
+            if deadline > now {
+                break;
+            }
+            let channel: Box<str> = channel.into();
+            let Some((after, upto)) = self
+                .registry
+                .sequencer(&channel)
+                .and_then(Sequencer::gap_range)
+            else {
+                break;
+            };
+            match self.read_stored(&channel, after, upto).await {
+                Ok(rows) => {
+                    let frames = rows
+                        .iter()
+                        .map(|m| {
+                            (
+                                m.offset,
+                                ServerFrame::message(&channel, &m.data, Some(m.offset)),
+                            )
+                        })
+                        .collect();
+                    let (result, skipped) =
+                        self.registry.fill_gap(&channel, frames, Instant::now());
+                    metrics::counter!("relay_gap_fills_total").increment(1);
+                    if skipped {
+                        metrics::counter!("relay_gaps_skipped_total").increment(1);
+                        tracing::warn!(
+                            channel = &*channel,
+                            after,
+                            upto,
+                            "offsets missing from history too; skipped"
+                        );
+                    }
+                    self.account(&channel, result);
+                }
+                Err(err) => {
+                    tracing::warn!(channel = &*channel, %err, "gap fill failed; retrying");
+                    self.registry.postpone_gap(&channel, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// After a reconnect, deliver what was committed while the listener was not receiving.
+    async fn catch_up_all(&mut self) {
+        let channels: Vec<Box<str>> = self.registry.channels().map(Into::into).collect();
+        for channel in channels {
+            loop {
+                let Some(after) = self.registry.sequencer(&channel).map(Sequencer::last) else {
+                    break;
+                };
+                let rows = match self.read_stored(&channel, after, i64::MAX).await {
+                    Ok(rows) => rows,
+                    Err(err) => {
+                        tracing::warn!(channel = &*channel, %err, "catch-up after reconnect failed");
+                        break;
+                    }
+                };
+                let count = rows.len();
+                for m in rows {
+                    let frame = ServerFrame::message(&channel, &m.data, Some(m.offset));
+                    let (result, _) =
+                        self.registry
+                            .deliver_sequenced(&channel, m.offset, frame, Instant::now());
+                    self.account(&channel, result);
+                }
+                if count > 0 {
+                    metrics::counter!("relay_catch_up_messages_total").increment(count as u64);
+                    tracing::info!(
+                        channel = &*channel,
+                        count,
+                        "caught up from Postgres after reconnect"
+                    );
+                }
+                if (count as i64) < CATCH_UP_PAGE {
+                    break;
+                }
+            }
         }
     }
 
@@ -309,6 +503,13 @@ impl Listener {
     fn publish_gauges(&self) {
         metrics::gauge!("relay_redis_channels").set(self.registry.channel_count() as f64);
         metrics::gauge!("relay_subscriptions").set(self.registry.subscription_count() as f64);
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod listener;
 pub mod outbox;
 pub mod registry;
+pub mod sequencer;
 
 use std::sync::Arc;
 
@@ -18,13 +19,20 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{config::RedisSettings, lifecycle::Lifecycle, protocol::Envelope};
 
-pub use listener::ListenerStatus;
 use listener::{Command, Listener};
+pub use listener::{HistorySource, ListenerStatus};
 pub use outbox::SessionOutbox;
 
 /// Commands waiting for the listener. Senders wait when it is full (backpressure on the
 /// subscribing sessions, never on the fan-out); each time that happens is counted.
 const COMMAND_QUEUE: usize = 4096;
+
+/// Committed messages whose PUBLISH failed, waiting to be retried. When full, further ones are
+/// dropped and counted: they are durable, and subscribers get them through gap fill or the
+/// listener's catch-up after a reconnect.
+const REPUBLISH_QUEUE: usize = 1024;
+/// Attempts per queued message, with exponential backoff from 100 ms.
+const REPUBLISH_ATTEMPTS: u32 = 6;
 
 /// Errors at the Redis boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -39,6 +47,8 @@ pub enum PubSubError {
     ListenerStopped,
     #[error("the session is closing")]
     SessionClosed,
+    #[error("history unavailable: {0}")]
+    History(String),
 }
 
 impl From<redis::RedisError> for PubSubError {
@@ -51,6 +61,7 @@ impl From<redis::RedisError> for PubSubError {
 #[derive(Clone)]
 pub struct PubSub {
     commands: mpsc::Sender<Command>,
+    republish: mpsc::Sender<Republish>,
     status: Arc<ListenerStatus>,
     publisher: ConnectionManager,
     prefix: Arc<str>,
@@ -61,7 +72,11 @@ pub struct PubSub {
 impl PubSub {
     /// Create the Redis clients (lazily connected, so startup does not fail while Redis is
     /// down; readiness reports it) and start the listener task through `lifecycle`.
-    pub fn start(settings: &RedisSettings, lifecycle: &Lifecycle) -> Result<Self, PubSubError> {
+    pub fn start(
+        settings: &RedisSettings,
+        history: HistorySource,
+        lifecycle: &Lifecycle,
+    ) -> Result<Self, PubSubError> {
         let client = redis::Client::open(settings.url.expose())?;
         let publisher = client.get_connection_manager_lazy(
             ConnectionManagerConfig::new()
@@ -75,19 +90,27 @@ impl PubSub {
         let listener = Listener::new(
             client,
             settings.clone(),
+            history,
             rx,
             Arc::clone(&status),
             lifecycle.clone(),
         );
         lifecycle.spawn("redis_listener", listener.run());
-        Ok(Self {
+        let (republish, republish_rx) = mpsc::channel(REPUBLISH_QUEUE);
+        let pubsub = Self {
             commands: tx,
+            republish,
             status,
             publisher,
             prefix: settings.channel_prefix.as_str().into(),
             command_timeout: settings.command_timeout,
             lifecycle: lifecycle.clone(),
-        })
+        };
+        lifecycle.spawn(
+            "redis_republisher",
+            pubsub.clone().republisher(republish_rx),
+        );
+        Ok(pubsub)
     }
 
     async fn send(&self, command: Command) -> Result<(), PubSubError> {
@@ -105,17 +128,20 @@ impl PubSub {
     }
 
     /// Subscribe `outbox` to `channel`. When this returns Ok, Redis has confirmed the
-    /// subscription and a `subscribed` frame is queued in the outbox ahead of any message of
-    /// the channel; on error an `unavailable` error frame is queued instead.
+    /// subscription and a `subscribed` frame (or, with `since`, a replay of stored history) is
+    /// queued in the outbox ahead of any live message of the channel; on error an `unavailable`
+    /// error frame is queued instead. Ok carries the offset live delivery continues after.
     pub async fn subscribe(
         &self,
         channel: &str,
         outbox: &Arc<SessionOutbox>,
-    ) -> Result<(), PubSubError> {
+        since: Option<i64>,
+    ) -> Result<i64, PubSubError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Subscribe {
             channel: channel.into(),
             outbox: Arc::clone(outbox),
+            since,
             reply,
         })
         .await?;
@@ -174,6 +200,49 @@ impl PubSub {
         Ok(())
     }
 
+    /// PUBLISH a committed message; if that fails, queue it for retries in the background
+    /// (bounded: when the queue is full the message is left to gap fill and catch-up).
+    pub async fn publish_committed(&self, channel: &str, data: &RawValue, id: i64) {
+        let Err(err) = self.publish(channel, data, Some(id)).await else {
+            return;
+        };
+        metrics::counter!("relay_publish_failures_total").increment(1);
+        tracing::warn!(%err, channel, id, "PUBLISH after commit failed; retrying in the background");
+        let job = Republish {
+            channel: channel.into(),
+            data: data.to_owned(),
+            id,
+        };
+        if self.republish.try_send(job).is_err() {
+            metrics::counter!("relay_republish_dropped_total").increment(1);
+        }
+    }
+
+    /// The bounded retry job for [`PubSub::publish_committed`].
+    async fn republisher(self, mut jobs: mpsc::Receiver<Republish>) {
+        loop {
+            let job = tokio::select! {
+                _ = self.lifecycle.cancelled() => return,
+                job = jobs.recv() => match job { Some(job) => job, None => return },
+            };
+            let mut delay = std::time::Duration::from_millis(100);
+            for attempt in 1..=REPUBLISH_ATTEMPTS {
+                tokio::select! {
+                    _ = self.lifecycle.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                match self.publish(&job.channel, &job.data, Some(job.id)).await {
+                    Ok(()) => break,
+                    Err(err) if attempt == REPUBLISH_ATTEMPTS => {
+                        metrics::counter!("relay_republish_dropped_total").increment(1);
+                        tracing::warn!(%err, channel = &*job.channel, id = job.id, "giving up re-publishing; subscribers recover it from history");
+                    }
+                    Err(_) => delay *= 2,
+                }
+            }
+        }
+    }
+
     /// Round trip to Redis on the shared connection (readiness).
     pub async fn ping(&self) -> Result<(), PubSubError> {
         let mut conn = self.publisher.clone();
@@ -189,4 +258,11 @@ impl PubSub {
     pub fn is_listening(&self) -> bool {
         self.status.is_connected()
     }
+}
+
+/// A committed message waiting to be re-published.
+struct Republish {
+    channel: Box<str>,
+    data: Box<RawValue>,
+    id: i64,
 }

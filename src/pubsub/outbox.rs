@@ -16,6 +16,30 @@ use tokio::sync::Notify;
 
 use crate::protocol::ServerFrame;
 
+/// An item in a session's outbox.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// An encoded frame, sent as is.
+    Frame(ServerFrame),
+    /// Send `subscribed` and replay stored history for a `since` subscription, before anything
+    /// queued after this item. Queued by the listener exactly where live delivery starts.
+    Replay(Box<Replay>),
+}
+
+/// History the session must replay: offsets in `(since, upto]` of `channel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub channel: Box<str>,
+    pub since: i64,
+    pub upto: i64,
+}
+
+impl From<ServerFrame> for Outgoing {
+    fn from(frame: ServerFrame) -> Self {
+        Self::Frame(frame)
+    }
+}
+
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -44,7 +68,7 @@ pub struct SessionOutbox {
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<ServerFrame>,
+    queue: VecDeque<Outgoing>,
     overflowed: bool,
     closed: bool,
 }
@@ -63,7 +87,7 @@ impl SessionOutbox {
     }
 
     /// Queue a frame without waiting. Never blocks the caller beyond a short mutex hold.
-    pub fn push(&self, frame: ServerFrame) -> Push {
+    pub fn push(&self, item: impl Into<Outgoing>) -> Push {
         let mut state = self.lock();
         if state.overflowed || state.closed {
             return Push::Rejected;
@@ -77,7 +101,7 @@ impl SessionOutbox {
             return Push::Overflowed;
         }
         let was_empty = state.queue.is_empty();
-        state.queue.push_back(frame);
+        state.queue.push_back(item.into());
         drop(state);
         // A non-empty queue already has a wake-up pending.
         if was_empty {
@@ -92,7 +116,7 @@ impl SessionOutbox {
     }
 
     /// Move every queued frame into `buf` (which the session reuses between drains).
-    pub fn drain_into(&self, buf: &mut VecDeque<ServerFrame>) -> Drained {
+    pub fn drain_into(&self, buf: &mut VecDeque<Outgoing>) -> Drained {
         let mut state = self.lock();
         if state.overflowed {
             return Drained::Overflowed;
@@ -137,12 +161,12 @@ mod tests {
     #[test]
     fn drain_takes_everything_in_order() {
         let outbox = SessionOutbox::new(8);
-        outbox.push(ServerFrame::subscribed("a"));
+        outbox.push(ServerFrame::subscribed("a", 0));
         outbox.push(ServerFrame::pong());
         let mut buf = VecDeque::new();
         assert_eq!(outbox.drain_into(&mut buf), Drained::Frames);
         assert_eq!(buf.len(), 2);
-        assert!(buf[0].text.contains("subscribed"));
+        assert!(matches!(&buf[0], Outgoing::Frame(f) if f.text.contains("subscribed")));
         outbox.close();
         assert_eq!(outbox.push(ServerFrame::pong()), Push::Rejected);
     }

@@ -1,19 +1,35 @@
-//! [`ChannelRegistry`]: which local sessions listen to which channel.
+//! [`ChannelRegistry`]: which local sessions listen to which channel, and each channel's
+//! [`Sequencer`].
 //!
 //! Owned by the Redis listener task alone, so it needs no lock: subscribe, unsubscribe and
 //! fan-out are all steps of that one task, which is also what orders a `subscribed` frame before
 //! the first message of its channel. Fan-out pushes one shared frame into each subscriber's
 //! outbox: a reference-count increment and a queue push per subscriber, nothing else.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use crate::protocol::ServerFrame;
 
-use super::outbox::{Push, SessionOutbox};
+use super::{
+    outbox::{Push, SessionOutbox},
+    sequencer::Sequencer,
+};
+
+#[derive(Debug)]
+struct ChannelEntry {
+    subscribers: Vec<Arc<SessionOutbox>>,
+    sequencer: Sequencer,
+}
 
 #[derive(Debug, Default)]
 pub struct ChannelRegistry {
-    channels: HashMap<Box<str>, Vec<Arc<SessionOutbox>>>,
+    channels: HashMap<Box<str>, ChannelEntry>,
+    /// Channels whose sequencer holds a gap, so the listener need not scan every channel.
+    gapped: HashSet<Box<str>>,
     subscriptions: usize,
 }
 
@@ -28,37 +44,66 @@ pub struct FanOut {
     pub now_empty: bool,
 }
 
+impl FanOut {
+    fn add(&mut self, other: FanOut) {
+        self.delivered += other.delivered;
+        self.overflowed += other.overflowed;
+        self.now_empty |= other.now_empty;
+    }
+}
+
 impl ChannelRegistry {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Add `outbox` to `channel`. Returns false if it was already there.
+    /// Start tracking `channel` (before its first subscriber is added).
+    pub fn open(&mut self, channel: &str, sequencer: Sequencer) {
+        self.channels.entry(channel.into()).or_insert(ChannelEntry {
+            subscribers: Vec::new(),
+            sequencer,
+        });
+    }
+
+    /// Add `outbox` to an open channel. Returns false if it was already there or the channel
+    /// is not open.
     pub fn add(&mut self, channel: &str, outbox: &Arc<SessionOutbox>) -> bool {
-        let subs = self.channels.entry(channel.into()).or_default();
-        if subs.iter().any(|s| Arc::ptr_eq(s, outbox)) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return false;
+        };
+        if entry.subscribers.iter().any(|s| Arc::ptr_eq(s, outbox)) {
             return false;
         }
-        subs.push(Arc::clone(outbox));
+        entry.subscribers.push(Arc::clone(outbox));
         self.subscriptions += 1;
         true
     }
 
-    /// Remove `outbox` from `channel`. Returns true if the channel has no subscriber left.
+    /// Remove `outbox` from `channel`. Returns true if the channel has no subscriber left (it
+    /// is then forgotten).
     pub fn remove(&mut self, channel: &str, outbox: &Arc<SessionOutbox>) -> bool {
-        let Some(subs) = self.channels.get_mut(channel) else {
+        let Some(entry) = self.channels.get_mut(channel) else {
             return false;
         };
-        if let Some(pos) = subs.iter().position(|s| Arc::ptr_eq(s, outbox)) {
-            subs.swap_remove(pos);
+        if let Some(pos) = entry
+            .subscribers
+            .iter()
+            .position(|s| Arc::ptr_eq(s, outbox))
+        {
+            entry.subscribers.swap_remove(pos);
             self.subscriptions -= 1;
         }
-        if subs.is_empty() {
-            self.channels.remove(channel);
+        if entry.subscribers.is_empty() {
+            self.close(channel);
             true
         } else {
             false
         }
+    }
+
+    fn close(&mut self, channel: &str) {
+        self.channels.remove(channel);
+        self.gapped.remove(channel);
     }
 
     pub fn has_subscribers(&self, channel: &str) -> bool {
@@ -66,7 +111,14 @@ impl ChannelRegistry {
     }
 
     pub fn subscribers(&self, channel: &str) -> &[Arc<SessionOutbox>] {
-        self.channels.get(channel).map(Vec::as_slice).unwrap_or(&[])
+        self.channels
+            .get(channel)
+            .map(|e| e.subscribers.as_slice())
+            .unwrap_or(&[])
+    }
+
+    pub fn sequencer(&self, channel: &str) -> Option<&Sequencer> {
+        self.channels.get(channel).map(|e| &e.sequencer)
     }
 
     /// Channels with at least one local subscriber.
@@ -82,12 +134,87 @@ impl ChannelRegistry {
         self.subscriptions
     }
 
+    /// The earliest pending gap-fill deadline and its channel.
+    pub fn next_gap(&self) -> Option<(Instant, &str)> {
+        self.gapped
+            .iter()
+            .filter_map(|c| Some((self.channels.get(c)?.sequencer.gap_deadline()?, &**c)))
+            .min_by_key(|(deadline, _)| *deadline)
+    }
+
+    /// Deliver a message without an offset (from a publisher that sets none) as it comes.
+    pub fn deliver_unsequenced(&mut self, channel: &str, frame: &ServerFrame) -> FanOut {
+        self.fan_out(channel, frame)
+    }
+
+    /// Offer a message with offset `id` to the channel's sequencer and deliver whatever became
+    /// ready. Returns the fan-out totals and whether the message was a duplicate.
+    pub fn deliver_sequenced(
+        &mut self,
+        channel: &str,
+        id: i64,
+        frame: ServerFrame,
+        now: Instant,
+    ) -> (FanOut, bool) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return (FanOut::default(), false);
+        };
+        let offer = entry.sequencer.offer(id, frame, now);
+        self.track_gap(channel);
+        (self.fan_out_all(channel, &offer.ready), offer.duplicate)
+    }
+
+    /// Feed a gap fill read from Postgres; see [`Sequencer::fill`].
+    pub fn fill_gap(
+        &mut self,
+        channel: &str,
+        stored: Vec<(i64, ServerFrame)>,
+        now: Instant,
+    ) -> (FanOut, bool) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return (FanOut::default(), false);
+        };
+        let (ready, skipped) = entry.sequencer.fill(stored, now);
+        self.track_gap(channel);
+        (self.fan_out_all(channel, &ready), skipped)
+    }
+
+    /// A gap fill failed: try again after another wait.
+    pub fn postpone_gap(&mut self, channel: &str, now: Instant) {
+        if let Some(entry) = self.channels.get_mut(channel) {
+            entry.sequencer.postpone(now);
+        }
+    }
+
+    fn track_gap(&mut self, channel: &str) {
+        let gapped = self
+            .channels
+            .get(channel)
+            .is_some_and(|e| e.sequencer.gap_deadline().is_some());
+        if gapped {
+            if !self.gapped.contains(channel) {
+                self.gapped.insert(channel.into());
+            }
+        } else {
+            self.gapped.remove(channel);
+        }
+    }
+
+    fn fan_out_all(&mut self, channel: &str, frames: &[ServerFrame]) -> FanOut {
+        let mut total = FanOut::default();
+        for frame in frames {
+            total.add(self.fan_out(channel, frame));
+        }
+        total
+    }
+
     /// Queue `frame` for every subscriber of `channel`, pruning outboxes whose session ended.
     pub fn fan_out(&mut self, channel: &str, frame: &ServerFrame) -> FanOut {
         let mut result = FanOut::default();
-        let Some(subs) = self.channels.get_mut(channel) else {
+        let Some(entry) = self.channels.get_mut(channel) else {
             return result;
         };
+        let subs = &mut entry.subscribers;
         let mut i = 0;
         while i < subs.len() {
             match subs[i].push(frame.clone()) {
@@ -107,7 +234,7 @@ impl ChannelRegistry {
             }
         }
         if subs.is_empty() {
-            self.channels.remove(channel);
+            self.close(channel);
             result.now_empty = true;
         }
         result
@@ -116,6 +243,8 @@ impl ChannelRegistry {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -123,6 +252,8 @@ mod tests {
         let mut reg = ChannelRegistry::new();
         let a = Arc::new(SessionOutbox::new(1));
         let b = Arc::new(SessionOutbox::new(8));
+        assert!(!reg.add("x", &a), "channel must be opened first");
+        reg.open("x", Sequencer::new(0, Duration::from_millis(10)));
         assert!(reg.add("x", &a));
         assert!(!reg.add("x", &a));
         assert!(reg.add("x", &b));

@@ -3,6 +3,8 @@
 //! Handlers and tasks never write SQL themselves; they call functions here. The pool is created
 //! once at startup ([`connect`]) and shared through the app state.
 
+pub mod messages;
+
 use std::time::{Duration, Instant};
 
 use sqlx::{
@@ -27,6 +29,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
 }
 
 /// Migrations embedded from `migrations/` at compile time.

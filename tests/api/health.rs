@@ -45,9 +45,7 @@ async fn readyz_is_503_when_redis_is_unreachable() {
 #[tokio::test]
 async fn migrations_are_applied() {
     let app = spawn_app().await;
-    let mut url = url::Url::parse(&crate::helpers::postgres_url()).unwrap();
-    url.set_path(&app.db.name);
-    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let pool = app.db_pool().await;
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
         .fetch_one(&pool)
         .await

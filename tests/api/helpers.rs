@@ -111,7 +111,9 @@ async fn check_redis() {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub settings: Settings,
-    pub db: TestDatabase,
+    /// The database, owned by the first replica of a test (dropped with it).
+    _db: Option<TestDatabase>,
+    pub db_url: String,
     pub lifecycle: Lifecycle,
     pub http: reqwest::Client,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -136,6 +138,10 @@ pub async fn spawn_app_unready(customise: impl FnOnce(&mut Settings)) -> TestApp
     let mut settings = base_settings();
     settings.database.url = SecretUrl::new(db.url.clone());
     customise(&mut settings);
+    start(settings, Some(db)).await
+}
+
+async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
     let app = Application::build(settings.clone())
         .await
         .expect("app builds");
@@ -146,8 +152,9 @@ pub async fn spawn_app_unready(customise: impl FnOnce(&mut Settings)) -> TestApp
     });
     TestApp {
         addr,
+        db_url: settings.database.url.expose().to_owned(),
         settings,
-        db,
+        _db: db,
         lifecycle,
         http: reqwest::Client::new(),
         server: Some(server),
@@ -155,6 +162,37 @@ pub async fn spawn_app_unready(customise: impl FnOnce(&mut Settings)) -> TestApp
 }
 
 impl TestApp {
+    /// Another replica of the same deployment: same database, same Redis and prefix.
+    pub async fn spawn_replica(&self) -> TestApp {
+        let app = start(self.settings.clone(), None).await;
+        app.wait_ready().await;
+        app
+    }
+
+    /// A pool on the test database, for assertions.
+    pub async fn db_pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.db_url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// POST a message through the HTTP API; returns the response.
+    pub async fn post_message(&self, channel: &str, data: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/api/v1/channels/{channel}/messages")))
+            .json(&serde_json::json!({ "data": data }))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// Publish over HTTP and return the assigned id, asserting 201.
+    pub async fn publish(&self, channel: &str, data: Value) -> i64 {
+        let res = self.post_message(channel, data).await;
+        assert_eq!(res.status(), 201, "{:?}", res.text().await);
+        res.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

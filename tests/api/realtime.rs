@@ -8,8 +8,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{TestApp, WsClient, spawn_app, spawn_app_with};
 
-fn message(channel: &str, data: Value) -> Value {
-    json!({"type": "message", "channel": channel, "data": data, "id": null})
+fn message(channel: &str, data: Value, id: i64) -> Value {
+    json!({"type": "message", "channel": channel, "data": data, "id": id})
 }
 
 #[tokio::test]
@@ -19,7 +19,7 @@ async fn two_clients_on_one_channel_both_receive() {
     let mut b = app.subscribed_ws(&["room"]).await;
     a.send_json(json!({"type": "publish", "channel": "room", "data": {"hello": "world"}}))
         .await;
-    let expected = message("room", json!({"hello": "world"}));
+    let expected = message("room", json!({"hello": "world"}), 1);
     assert_eq!(a.recv_json().await, expected);
     assert_eq!(b.recv_json().await, expected);
 }
@@ -27,13 +27,12 @@ async fn two_clients_on_one_channel_both_receive() {
 #[tokio::test]
 async fn messages_cross_replicas_and_come_from_any_redis_publisher() {
     let app1 = spawn_app().await;
-    let prefix = app1.settings.redis.channel_prefix.clone();
-    let app2 = spawn_app_with(|s| s.redis.channel_prefix = prefix).await;
+    let app2 = app1.spawn_replica().await;
     let mut on1 = app1.subscribed_ws(&["news"]).await;
     let mut on2 = app2.connect_ws("").await;
     on2.send_json(json!({"type": "publish", "channel": "news", "data": [1, 2, 3]}))
         .await;
-    assert_eq!(on1.recv_json().await, message("news", json!([1, 2, 3])));
+    assert_eq!(on1.recv_json().await, message("news", json!([1, 2, 3]), 1));
 
     // Any other program PUBLISHing the envelope (id optional, unknown fields ignored).
     app1.redis_publish(
@@ -306,7 +305,16 @@ struct OwnRedis {
 impl OwnRedis {
     fn start(port: u16) -> Self {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (see README: Test)");
@@ -321,7 +329,10 @@ impl OwnRedis {
         let client = redis::Client::open(self.url()).unwrap();
         for _ in 0..100 {
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
             {
                 return;
             }
@@ -333,7 +344,12 @@ impl OwnRedis {
     async fn publish(&self, channel: &str, payload: &str) -> i64 {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut conn).await.unwrap()
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
     }
 }
 
@@ -356,7 +372,11 @@ async fn wait_for_status(app: &TestApp, path: &str, status: u16) {
 
 #[tokio::test]
 async fn clients_stay_connected_through_a_redis_restart() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let redis = OwnRedis::start(port);
     redis.wait_up().await;
     let url = redis.url();
@@ -369,25 +389,35 @@ async fn clients_stay_connected_through_a_redis_restart() {
     let prefix = app.settings.redis.channel_prefix.clone();
     let mut sub = app.subscribed_ws(&["survivor"]).await;
     let mut publisher = app.connect_ws("").await;
-    redis.publish(&format!("{prefix}survivor"), r#"{"data":"before"}"#).await;
+    redis
+        .publish(&format!("{prefix}survivor"), r#"{"data":"before"}"#)
+        .await;
     assert_eq!(sub.expect_type("message").await["data"], "before");
 
     drop(redis);
     wait_for_status(&app, "/readyz", 503).await;
     // Publishing while Redis is down answers at once with an error frame, never hangs.
-    publisher.send_json(json!({"type": "publish", "channel": "survivor", "data": 1})).await;
+    publisher
+        .send_json(json!({"type": "publish", "channel": "survivor", "data": 1}))
+        .await;
     assert_eq!(publisher.expect_type("error").await["code"], "unavailable");
     // Subscribing to a new channel during the outage is refused the same way.
-    publisher.send_json(json!({"type": "subscribe", "channel": "other"})).await;
+    publisher
+        .send_json(json!({"type": "subscribe", "channel": "other"}))
+        .await;
     assert_eq!(publisher.expect_type("error").await["code"], "unavailable");
 
     let redis = OwnRedis::start(port);
     redis.wait_up().await;
     wait_for_status(&app, "/readyz", 200).await;
     // The listener resubscribed: messages flow to the client that stayed connected.
-    redis.publish(&format!("{prefix}survivor"), r#"{"data":"after"}"#).await;
+    redis
+        .publish(&format!("{prefix}survivor"), r#"{"data":"after"}"#)
+        .await;
     assert_eq!(sub.expect_type("message").await["data"], "after");
     // And the shared publishing connection recovered too.
-    publisher.send_json(json!({"type": "publish", "channel": "survivor", "data": "via ws"})).await;
+    publisher
+        .send_json(json!({"type": "publish", "channel": "survivor", "data": "via ws"}))
+        .await;
     assert_eq!(sub.expect_type("message").await["data"], "via ws");
 }

@@ -1,0 +1,37 @@
+//! The publish path, shared by `POST /api/v1/channels/{channel}/messages` and the WebSocket
+//! `publish` frame: commit to Postgres first (which assigns the offset), PUBLISH to Redis after.
+//!
+//! Once [`publish`] returns Ok the message is durable. If the PUBLISH fails, it is retried in the
+//! background; subscribers also recover it through gap fill or the listener's catch-up, so it is
+//! delivered late rather than lost.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::{
+    state::AppState,
+    store::{self, StoreError},
+};
+
+/// What the publisher learns: the message's offset and commit time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub channel: String,
+    pub id: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn publish(
+    state: &AppState,
+    channel: &str,
+    data: &RawValue,
+) -> Result<Published, StoreError> {
+    let (id, created_at) = store::messages::append(&state.db, channel, data).await?;
+    state.pubsub.publish_committed(channel, data, id).await;
+    Ok(Published {
+        channel: channel.to_owned(),
+        id,
+        created_at,
+    })
+}

@@ -1,0 +1,62 @@
+//! The retention task: a background job tied to the app lifecycle that prunes message history
+//! older than `history.ttl` and beyond `history.max_per_channel`.
+//!
+//! It deletes in batches of `history.prune_batch` rows with a short pause in between, so it never
+//! holds long locks or starves publishers (deleting old rows takes no lock a publisher needs).
+//! It stops at cancellation, between batches.
+
+use std::time::Duration;
+
+use crate::{config::HistorySettings, lifecycle::Lifecycle, store};
+
+/// Pause between batches, so a large backlog is worked off without hogging the database.
+const BATCH_PAUSE: Duration = Duration::from_millis(20);
+
+pub async fn run(db: sqlx::PgPool, settings: HistorySettings, lifecycle: Lifecycle) {
+    let mut interval = tokio::time::interval(settings.prune_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = lifecycle.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match prune_once(&db, &settings, &lifecycle).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "pruned message history"),
+            Err(err) => tracing::warn!(%err, "history pruning failed; retrying next interval"),
+        }
+    }
+}
+
+/// One full pruning pass. Returns the number of rows deleted.
+pub async fn prune_once(
+    db: &sqlx::PgPool,
+    settings: &HistorySettings,
+    lifecycle: &Lifecycle,
+) -> Result<u64, store::StoreError> {
+    let mut total = 0;
+    for by_age in [true, false] {
+        loop {
+            if lifecycle.is_cancelled() {
+                return Ok(total);
+            }
+            let deleted = if by_age {
+                store::messages::prune_older_than(db, settings.ttl, settings.prune_batch).await?
+            } else {
+                store::messages::prune_beyond_count(
+                    db,
+                    settings.max_per_channel,
+                    settings.prune_batch,
+                )
+                .await?
+            };
+            total += deleted;
+            metrics::counter!("relay_history_pruned_total").increment(deleted);
+            if (deleted as i64) < settings.prune_batch {
+                break;
+            }
+            tokio::time::sleep(BATCH_PAUSE).await;
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,168 @@
+//! The per-channel message log: append with a gapless offset, read ranges, prune.
+
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use sqlx::{PgPool, Row};
+
+use super::StoreError;
+
+/// A message as stored.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub offset: i64,
+    /// The JSON as Postgres returns it (jsonb: key order and whitespace normalised).
+    pub data: Box<RawValue>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Where a channel's log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelPosition {
+    /// Offset of the newest message ever appended (0 if none).
+    pub last_offset: i64,
+    /// Offset of the oldest message still retained (`last_offset + 1` if none is).
+    pub oldest_offset: i64,
+}
+
+/// Append `data` to `channel`, returning its offset and timestamp.
+///
+/// One statement, so one transaction: the channel row's counter is incremented under its row
+/// lock (serialising publishers of that channel across all replicas) and the message inserted
+/// with the new value. A failure rolls both back, so offsets never skip.
+pub async fn append(
+    pool: &PgPool,
+    channel: &str,
+    data: &RawValue,
+) -> Result<(i64, DateTime<Utc>), StoreError> {
+    let row = sqlx::query(
+        r#"
+        WITH next AS (
+            INSERT INTO channels (name, last_offset) VALUES ($1, 1)
+            ON CONFLICT (name) DO UPDATE SET last_offset = channels.last_offset + 1
+            RETURNING last_offset
+        )
+        INSERT INTO messages (channel, "offset", data)
+        SELECT $1, last_offset, $2::text::jsonb FROM next
+        RETURNING "offset", created_at
+        "#,
+    )
+    .bind(channel)
+    .bind(data.get())
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get("offset")?, row.try_get("created_at")?))
+}
+
+/// Messages with `offset > since`, oldest first, at most `limit`.
+pub async fn read_since(
+    pool: &PgPool,
+    channel: &str,
+    since: i64,
+    limit: i64,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    read_range(pool, channel, since, i64::MAX, limit).await
+}
+
+/// Messages with `after < offset <= upto`, oldest first, at most `limit`.
+pub async fn read_range(
+    pool: &PgPool,
+    channel: &str,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let rows = sqlx::query(
+        r#"
+        SELECT "offset", data::text AS data, created_at FROM messages
+        WHERE channel = $1 AND "offset" > $2 AND "offset" <= $3
+        ORDER BY "offset"
+        LIMIT $4
+        "#,
+    )
+    .bind(channel)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let data: String = row.try_get("data")?;
+            Ok(StoredMessage {
+                offset: row.try_get("offset")?,
+                // Postgres produced this text from a jsonb value, so it is valid JSON.
+                data: RawValue::from_string(data)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect()
+}
+
+/// The channel's newest and oldest retained offsets.
+pub async fn position(pool: &PgPool, channel: &str) -> Result<ChannelPosition, StoreError> {
+    let row = sqlx::query(
+        r#"
+        SELECT c.last_offset,
+               COALESCE((SELECT min("offset") FROM messages m WHERE m.channel = c.name), c.last_offset + 1)
+                   AS oldest_offset
+        FROM channels c WHERE c.name = $1
+        "#,
+    )
+    .bind(channel)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        Some(row) => ChannelPosition {
+            last_offset: row.try_get("last_offset")?,
+            oldest_offset: row.try_get("oldest_offset")?,
+        },
+        None => ChannelPosition {
+            last_offset: 0,
+            oldest_offset: 1,
+        },
+    })
+}
+
+/// Delete up to `batch` messages older than `max_age`. Returns how many were deleted.
+pub async fn prune_older_than(
+    pool: &PgPool,
+    max_age: std::time::Duration,
+    batch: i64,
+) -> Result<u64, StoreError> {
+    let max_age = chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+    let cutoff = Utc::now()
+        .checked_sub_signed(max_age)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let result = sqlx::query(
+        r#"
+        DELETE FROM messages WHERE ctid IN (
+            SELECT ctid FROM messages WHERE created_at < $1 LIMIT $2
+        )
+        "#,
+    )
+    .bind(cutoff)
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Delete up to `batch` messages beyond the newest `keep` of some channel. Returns how many.
+pub async fn prune_beyond_count(pool: &PgPool, keep: i64, batch: i64) -> Result<u64, StoreError> {
+    let result = sqlx::query(
+        r#"
+        DELETE FROM messages WHERE ctid IN (
+            SELECT m.ctid FROM channels c
+            JOIN messages m ON m.channel = c.name AND m."offset" <= c.last_offset - $1
+            WHERE c.last_offset > $1
+            LIMIT $2
+        )
+        "#,
+    )
+    .bind(keep)
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
