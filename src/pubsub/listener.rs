@@ -457,10 +457,7 @@ impl Listener {
     async fn catch_up_all(&mut self) {
         let channels: Vec<Box<str>> = self.registry.channels().map(Into::into).collect();
         for channel in channels {
-            loop {
-                let Some(after) = self.registry.sequencer(&channel).map(Sequencer::last) else {
-                    break;
-                };
+            while let Some(after) = self.registry.sequencer(&channel).map(Sequencer::last) {
                 let rows = match self.read_stored(&channel, after, i64::MAX).await {
                     Ok(rows) => rows,
                     Err(err) => {

@@ -4,5 +4,6 @@
 mod config;
 mod health;
 mod helpers;
+mod history;
 mod lifecycle;
 mod realtime;

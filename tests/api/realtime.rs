@@ -6,7 +6,7 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{TestApp, WsClient, spawn_app, spawn_app_with};
+use crate::helpers::{OwnRedis, TestApp, WsClient, spawn_app, spawn_app_with, wait_for_status};
 
 fn message(channel: &str, data: Value, id: i64) -> Value {
     json!({"type": "message", "channel": channel, "data": data, "id": id})
@@ -294,80 +294,6 @@ async fn sse_rejects_bad_channel_lists() {
     let app = spawn_app().await;
     assert_eq!(app.get("/sse").await.status(), 400);
     assert_eq!(app.get("/sse?channels=a%20b").await.status(), 400);
-}
-
-/// A private `redis-server` on a fixed port, so the test can kill and restart it.
-struct OwnRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> Self {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (see README: Test)");
-        Self { port, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn wait_up(&self) {
-        let client = redis::Client::open(self.url()).unwrap();
-        for _ in 0..100 {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("private redis-server did not start on port {}", self.port);
-    }
-
-    async fn publish(&self, channel: &str, payload: &str) -> i64 {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_for_status(app: &TestApp, path: &str, status: u16) {
-    for _ in 0..200 {
-        if app.get(path).await.status() == status {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{path} did not turn {status} within 10s");
 }
 
 #[tokio::test]

@@ -1,0 +1,381 @@
+//! Message history: the publish API, gapless offsets, recovery with `since`, retention.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{OwnRedis, TestApp, WsClient, spawn_app, spawn_app_with, wait_for_status};
+
+async fn message_count(app: &TestApp) -> i64 {
+    let pool = app.db_pool().await;
+    let n = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test]
+async fn publish_returns_201_with_the_offset_and_delivers_it() {
+    let app = spawn_app().await;
+    let mut ws = app.subscribed_ws(&["orders"]).await;
+    let res = app
+        .post_message("orders", json!({"sku": "A1", "qty": 2}))
+        .await;
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["channel"], "orders");
+    assert_eq!(body["id"], 1);
+    assert!(
+        body["created_at"].as_str().is_some_and(|t| t.contains('T')),
+        "{body}"
+    );
+    let frame = ws.expect_type("message").await;
+    assert_eq!(frame["id"], 1);
+    assert_eq!(frame["data"], json!({"sku": "A1", "qty": 2}));
+    assert_eq!(app.publish("orders", json!(null)).await, 2);
+    assert_eq!(
+        app.publish("other", json!("x")).await,
+        1,
+        "offsets are per channel"
+    );
+}
+
+#[tokio::test]
+async fn rejected_publishes_touch_neither_postgres_nor_redis() {
+    let app = spawn_app().await;
+    let mut ws = app.subscribed_ws(&["c"]).await;
+    let url = app.url("/api/v1/channels/c/messages");
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            app.http
+                .post(app.url("/api/v1/channels/bad%20name/messages"))
+                .json(&json!({"data": 1})),
+            400,
+            "invalid_input",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{nope"),
+            400,
+            "bad_request",
+        ),
+        (
+            app.http.post(&url).json(&json!({"payload": 1})),
+            400,
+            "bad_request",
+        ),
+        (app.http.post(&url).json(&json!([1, 2])), 400, "bad_request"),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "text/plain")
+                .body(r#"{"data":1}"#),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            app.http
+                .post(&url)
+                .json(&json!({"data": "x".repeat(2 * 1024 * 1024)})),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let res = request.send().await.unwrap();
+        assert_eq!(res.status(), status);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["request_id"].is_string());
+    }
+    for query in ["limit=0", "limit=100000", "since=-1", "limit=abc"] {
+        let res = app
+            .get(&format!("/api/v1/channels/c/messages?{query}"))
+            .await;
+        assert_eq!(res.status(), 400, "{query}");
+        assert_eq!(
+            res.json::<Value>().await.unwrap()["error"]["code"],
+            "invalid_input",
+            "{query}"
+        );
+    }
+    assert_eq!(message_count(&app).await, 0);
+    ws.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn concurrent_publishers_on_two_replicas_give_gapless_in_order_delivery() {
+    let app1 = spawn_app().await;
+    let app2 = app1.spawn_replica().await;
+    let mut on1 = app1.subscribed_ws(&["busy"]).await;
+    let mut on2 = app2.subscribed_ws(&["busy"]).await;
+    let mut publishers = Vec::new();
+    for task in 0..8 {
+        let target = if task % 2 == 0 {
+            app1.url("")
+        } else {
+            app2.url("")
+        };
+        let http = app1.http.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..200 {
+                let res = http
+                    .post(format!("{target}/api/v1/channels/busy/messages"))
+                    .json(&json!({"data": {"task": task, "i": i}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 201);
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for ws in [&mut on1, &mut on2] {
+        for expected in 1..=1600 {
+            let frame = ws.expect_type("message").await;
+            assert_eq!(frame["id"], expected);
+        }
+        ws.expect_silence(Duration::from_millis(300)).await;
+    }
+}
+
+async fn collect_ids(ws: &mut WsClient, until: i64) -> Vec<i64> {
+    let mut ids = Vec::new();
+    while ids.last().is_none_or(|last| *last < until) {
+        ids.push(ws.expect_type("message").await["id"].as_i64().unwrap());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing() {
+    let app = spawn_app().await;
+    let total = 300;
+    let mut first = app.subscribed_ws(&["burst"]).await;
+    let http = app.http.clone();
+    let url = app.url("/api/v1/channels/burst/messages");
+    let publisher = tokio::spawn(async move {
+        for i in 0..total {
+            let res = http
+                .post(&url)
+                .json(&json!({"data": i}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+        }
+    });
+    // Read part of the burst, then drop the connection mid-stream.
+    let before = collect_ids(&mut first, 50).await;
+    drop(first);
+    let since = *before.last().unwrap();
+    let mut second = app.connect_ws("").await;
+    second
+        .send_json(json!({"type": "subscribe", "channel": "burst", "since": since}))
+        .await;
+    let subscribed = second.expect_type("subscribed").await;
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    assert!(subscribed["last_id"].as_i64().unwrap() >= since);
+    let after = collect_ids(&mut second, total).await;
+    publisher.await.unwrap();
+    let all: Vec<i64> = before.into_iter().chain(after).collect();
+    assert_eq!(all, (1..=total).collect::<Vec<_>>());
+    second.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn since_in_the_query_string_replays_before_live() {
+    let app = spawn_app().await;
+    for i in 1..=5 {
+        app.publish("q", json!(i)).await;
+    }
+    let mut ws = app.connect_ws("?channels=q&since.q=2").await;
+    let subscribed = ws.expect_type("subscribed").await;
+    assert_eq!(
+        (
+            subscribed["last_id"].as_i64(),
+            subscribed["recovered"].as_bool()
+        ),
+        (Some(5), Some(true))
+    );
+    app.publish("q", json!(6)).await;
+    assert_eq!(collect_ids(&mut ws, 6).await, vec![3, 4, 5, 6]);
+}
+
+#[tokio::test]
+async fn history_api_pages_with_a_cursor() {
+    let app = spawn_app().await;
+    for i in 1..=25 {
+        app.publish("pages", json!({"n": i})).await;
+    }
+    let mut since = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page: Value = app
+            .get(&format!(
+                "/api/v1/channels/pages/messages?since={since}&limit=10"
+            ))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["last_id"], 25);
+        for m in page["messages"].as_array().unwrap() {
+            assert_eq!(m["data"]["n"], m["id"]);
+            assert!(m["created_at"].is_string());
+            seen.push(m["id"].as_i64().unwrap());
+        }
+        since = page["next_since"].as_i64().unwrap();
+        if !page["has_more"].as_bool().unwrap() {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=25).collect::<Vec<_>>());
+    let empty: Value = app
+        .get("/api/v1/channels/never-used/messages")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(empty["messages"], json!([]));
+    assert_eq!(empty["last_id"], 0);
+}
+
+#[tokio::test]
+async fn retention_prunes_and_since_older_than_history_says_so() {
+    let app = spawn_app_with(|s| s.history.max_per_channel = 10).await;
+    for i in 1..=25 {
+        app.publish("kept", json!(i)).await;
+    }
+    app.publish("aged", json!("old")).await;
+    app.publish("aged", json!("new")).await;
+    let pool = app.db_pool().await;
+    sqlx::query("UPDATE messages SET created_at = now() - interval '30 days' WHERE channel = 'aged' AND \"offset\" = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut settings = app.settings.history.clone();
+    settings.prune_batch = 4; // several batches
+    let deleted =
+        relay::retention::prune_once(&pool, &settings, &relay::lifecycle::Lifecycle::new())
+            .await
+            .unwrap();
+    assert_eq!(deleted, 15 + 1);
+
+    let page: Value = app
+        .get("/api/v1/channels/kept/messages?since=0")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["truncated"], true);
+    assert_eq!(page["oldest_id"], 16);
+    assert_eq!(page["messages"][0]["id"], 16);
+    let aged: Value = app
+        .get("/api/v1/channels/aged/messages")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(aged["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(aged["messages"][0]["data"], "new");
+
+    let mut ws = app.connect_ws("").await;
+    ws.send_json(json!({"type": "subscribe", "channel": "kept", "since": 3}))
+        .await;
+    let subscribed = ws.expect_type("subscribed").await;
+    assert_eq!(subscribed["recovered"], false);
+    assert_eq!(subscribed["oldest_id"], 16);
+    assert_eq!(
+        collect_ids(&mut ws, 25).await,
+        (16..=25).collect::<Vec<_>>()
+    );
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn sse_resumes_from_last_event_id() {
+    let app = spawn_app().await;
+    for i in 1..=4 {
+        app.publish("s", json!(i)).await;
+    }
+    let mut res = app
+        .http
+        .get(app.url("/sse?channels=s"))
+        .header("Last-Event-ID", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    app.publish("s", json!(5)).await;
+    let mut text = String::new();
+    let ids = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let chunk = res.chunk().await.unwrap().expect("stream open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            let ids: Vec<i64> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("id: "))
+                .map(|id| id.parse().unwrap())
+                .collect();
+            if ids.last() == Some(&5) {
+                return ids;
+            }
+        }
+    })
+    .await
+    .expect("events within 5s");
+    assert_eq!(ids, vec![3, 4, 5]);
+    assert!(text.contains("event: subscribed"), "{text}");
+    let bad = app
+        .http
+        .get(app.url("/sse?channels=s"))
+        .header("Last-Event-ID", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn subscribers_get_every_message_committed_during_a_redis_outage() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = OwnRedis::start(port);
+    redis.wait_up().await;
+    let url = redis.url();
+    let app = spawn_app_with(|s| {
+        s.redis.url = relay::config::SecretUrl::new(url);
+        s.redis.reconnect_min_delay = Duration::from_millis(50);
+        s.redis.reconnect_max_delay = Duration::from_millis(300);
+        s.redis.command_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut ws = app.subscribed_ws(&["outage"]).await;
+    for i in 1..=5 {
+        app.publish("outage", json!(i)).await;
+    }
+    assert_eq!(collect_ids(&mut ws, 5).await, vec![1, 2, 3, 4, 5]);
+
+    drop(redis);
+    wait_for_status(&app, "/readyz", 503).await;
+    // Publishers keep writing over HTTP: every message is committed (201) though PUBLISH fails.
+    for i in 6..=20 {
+        app.publish("outage", json!(i)).await;
+    }
+    let redis = OwnRedis::start(port);
+    redis.wait_up().await;
+    wait_for_status(&app, "/readyz", 200).await;
+    app.publish("outage", json!(21)).await;
+    assert_eq!(collect_ids(&mut ws, 21).await, (6..=21).collect::<Vec<_>>());
+    ws.expect_silence(Duration::from_millis(500)).await;
+}
