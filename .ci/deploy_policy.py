@@ -154,6 +154,12 @@ def check_overlay(name: str, docs: list[dict], config_dir: Path, errors: list[st
     hpa = find(docs, "HorizontalPodAutoscaler", "relay")
     if not hpa or "stabilizationWindowSeconds" not in hpa[0]["spec"].get("behavior", {}).get("scaleDown", {}):
         err("HPA must set behavior.scaleDown.stabilizationWindowSeconds")
+        return
+    if "replicas" in spec:
+        err("the HPA owns the replica count: the overlay must drop Deployment spec.replicas")
+    floor = hpa[0]["spec"].get("minReplicas", 1)
+    if name == "production" and floor < 2:
+        err(f"production must keep at least 2 replicas (HPA minReplicas is {floor})")
 
 
 def check_compose(compose: dict, config_dir: Path, errors: list[str]) -> None:
