@@ -7,9 +7,11 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::{
+    access_log::AccessLog,
     config::Settings,
     http,
     lifecycle::Lifecycle,
@@ -17,7 +19,19 @@ use crate::{
     retention,
     state::AppState,
     store::{self, StoreError},
+    telemetry,
 };
+
+/// Bind before serving, so port 0 works and the real address is known.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    Ok((listener, local))
+}
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +53,9 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
+    metrics: PrometheusHandle,
     state: AppState,
 }
 
@@ -61,22 +78,28 @@ impl Application {
             "history_retention",
             retention::run(db.clone(), settings.history.clone(), lifecycle.clone()),
         );
-        let addr = SocketAddr::new(settings.server.host, settings.server.port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let access_log = AccessLog::start(&settings.access_log, &db, &lifecycle);
+        let metrics = telemetry::metrics::install();
+        let (listener, local_addr) =
+            bind(SocketAddr::new(settings.server.host, settings.server.port)).await?;
+        let (admin_listener, admin_addr) = bind(SocketAddr::new(
+            settings.server.host,
+            settings.server.admin_port,
+        ))
+        .await?;
         let state = AppState {
             settings,
             db,
             pubsub,
             lifecycle,
+            access_log,
         };
         Ok(Self {
             listener,
             local_addr,
+            admin_listener,
+            admin_addr,
+            metrics,
             state,
         })
     }
@@ -84,6 +107,11 @@ impl Application {
     /// The address actually bound (meaningful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin address (`/metrics`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// Handle to trigger and observe shutdown.
@@ -101,19 +129,37 @@ impl Application {
         let Self {
             listener,
             local_addr,
+            admin_listener,
+            admin_addr,
+            metrics,
             state,
         } = self;
         let lifecycle = state.lifecycle.clone();
         let drain_timeout = state.settings.shutdown.drain_timeout;
-        tracing::info!(addr = %local_addr, "listening");
+        let flush_timeout = state.settings.shutdown.flush_timeout;
+        let admin = axum::serve(
+            admin_listener,
+            http::admin::router(state.clone(), metrics.clone()),
+        )
+        .with_graceful_shutdown(lifecycle.cancelled_owned());
+        lifecycle.spawn("admin_server", async move {
+            if let Err(err) = admin.await {
+                tracing::error!(%err, "admin server failed");
+            }
+        });
+        lifecycle.spawn(
+            "metrics_upkeep",
+            telemetry::metrics::upkeep(metrics, lifecycle.clone()),
+        );
+        tracing::info!(addr = %local_addr, admin = %admin_addr, "listening");
         let app = http::router(state.clone());
         let server = axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(lifecycle.cancelled_owned());
-        let server = std::future::IntoFuture::into_future(server);
-        tokio::pin!(server);
+        // Boxed so it can be dropped (with its router and state) before the flush phase.
+        let mut server = Box::pin(std::future::IntoFuture::into_future(server));
         // The server only ends by itself on an accept-loop error.
         let early_exit = tokio::select! {
             result = &mut server => Some(result),
@@ -134,9 +180,18 @@ impl Application {
         let tasks_done = lifecycle
             .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
             .await;
+        // Every request and session is done: the last access-log handles go with the state, which
+        // lets the writer drain its queue and stop.
+        let db = state.db.clone();
+        drop(server);
+        drop(state);
+        let flushed = lifecycle.flush(flush_timeout).await;
         // Connections still checked out at the deadline must not hold up the exit.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), state.db.close()).await;
-        tracing::info!(clean = requests_done && tasks_done, "shutdown complete");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), db.close()).await;
+        tracing::info!(
+            clean = requests_done && tasks_done && flushed,
+            "shutdown complete"
+        );
         match early_exit {
             Some(Err(err)) => Err(StartupError::Serve(err)),
             _ => Ok(()),

@@ -56,10 +56,8 @@ pub fn main() -> ExitCode {
         Command::Healthcheck { url, timeout } => {
             runtime(1).block_on(healthcheck(&settings, url, timeout))
         }
-        Command::Migrate => with_telemetry(&settings, || runtime(0).block_on(migrate(&settings))),
-        Command::Serve => {
-            with_telemetry(&settings, || runtime(0).block_on(serve(settings.clone())))
-        }
+        Command::Migrate => with_telemetry(settings, migrate),
+        Command::Serve => with_telemetry(settings, serve),
     }
 }
 
@@ -76,12 +74,28 @@ fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
         .expect("cannot start the tokio runtime")
 }
 
-fn with_telemetry(settings: &Settings, run: impl FnOnce() -> ExitCode) -> ExitCode {
-    if let Err(err) = telemetry::init(telemetry::build_subscriber(&settings.log)) {
-        eprintln!("relay: cannot install the log subscriber: {err}");
-        return ExitCode::FAILURE;
-    }
-    run()
+/// Run `command` on a multi-threaded runtime with logging (and trace export) installed, then
+/// flush the trace exporter within `shutdown.flush_timeout`.
+fn with_telemetry<F, Fut>(settings: Settings, command: F) -> ExitCode
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
+    let rt = runtime(0);
+    // Inside the runtime: the gRPC exporter needs it.
+    let telemetry = match rt.block_on(async { telemetry::init(&settings) }) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("relay: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let flush_timeout = settings.shutdown.flush_timeout;
+    let code = rt.block_on(command(settings));
+    // Flushing blocks; do it where blocking is allowed but the runtime is still around.
+    let flushing = rt.spawn_blocking(move || telemetry.shutdown(flush_timeout));
+    let _ = rt.block_on(flushing);
+    code
 }
 
 fn check_config(settings: &Settings) -> ExitCode {
@@ -97,7 +111,7 @@ fn check_config(settings: &Settings) -> ExitCode {
     }
 }
 
-async fn migrate(settings: &Settings) -> ExitCode {
+async fn migrate(settings: Settings) -> ExitCode {
     let result = async {
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;

@@ -74,6 +74,8 @@ pub struct Settings {
     pub ws: WsSettings,
     pub sse: SseSettings,
     pub history: HistorySettings,
+    pub telemetry: TelemetrySettings,
+    pub access_log: AccessLogSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -83,6 +85,8 @@ pub struct ServerSettings {
     pub host: IpAddr,
     /// Port for the public API; 0 picks a free port (the bound address is logged).
     pub port: u16,
+    /// Port for operators only (`/metrics`), kept off the public API; 0 picks a free port.
+    pub admin_port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -127,6 +131,9 @@ pub struct ShutdownSettings {
     /// Upper bound for in-flight requests and sessions to finish after the listener closed.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// After the drain: time for the access log and trace exporter to write out what they hold.
+    #[serde(with = "humantime_serde")]
+    pub flush_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -212,6 +219,72 @@ pub struct HistorySettings {
     pub gap_wait: Duration,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP collector endpoint; empty disables tracing export (unless `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// is set, which wins, as do the other standard `OTEL_*` variables).
+    pub otlp_endpoint: String,
+    pub otlp_protocol: OtlpProtocol,
+    pub service_name: String,
+    /// Fraction of new traces sampled (0.0–1.0); a sampled parent is always followed.
+    pub sampling_ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogSinkKind {
+    Stdout,
+    File,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSettings {
+    /// Where entries go; several at once, none to disable.
+    pub sinks: Vec<AccessLogSinkKind>,
+    /// Entries waiting for the writer; when full, new entries are dropped (and counted).
+    pub queue_capacity: usize,
+    /// Entries written per batch.
+    pub batch_size: usize,
+    /// A partial batch is written after this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// File sink: path of the current file (rotated ones get `.1`, `.2`, …).
+    pub file_path: PathBuf,
+    /// File sink: rotate when the file would grow beyond this.
+    pub file_max_bytes: u64,
+    /// File sink: rotated files kept.
+    pub file_max_files: u32,
+    /// Peers whose `X-Forwarded-For` is believed (IPs or CIDRs, e.g. `10.0.0.0/8`).
+    pub trusted_proxies: Vec<String>,
+}
+
+impl AccessLogSettings {
+    /// The trusted proxies as networks (validated at startup).
+    pub fn trusted_networks(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p).ok())
+            .collect()
+    }
+}
+
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{s}` is not an IP address or CIDR"))
+}
+
 impl Settings {
     /// Load from the files and variables described by `opts`, then validate.
     pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
@@ -233,6 +306,8 @@ impl Settings {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("http.cors_allowed_origins")
+                    .with_list_parse_key("access_log.sinks")
+                    .with_list_parse_key("access_log.trusted_proxies")
                     .source(Some(env_vars)),
             )
             .build()?;
@@ -275,6 +350,7 @@ impl Settings {
             ));
         }
         positive("shutdown.drain_timeout", self.shutdown.drain_timeout)?;
+        positive("shutdown.flush_timeout", self.shutdown.flush_timeout)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         positive("http.request_timeout", self.http.request_timeout)?;
@@ -326,6 +402,47 @@ impl Settings {
             ));
         }
         positive("sse.keepalive_interval", self.sse.keepalive_interval)?;
+        if self.server.admin_port != 0 && self.server.admin_port == self.server.port {
+            return Err(ConfigError::invalid(
+                "server.admin_port",
+                "must differ from server.port",
+            ));
+        }
+        let t = &self.telemetry;
+        if !t.otlp_endpoint.is_empty() {
+            url::Url::parse(&t.otlp_endpoint).map_err(|e| {
+                ConfigError::invalid("telemetry.otlp_endpoint", format!("not a URL ({e})"))
+            })?;
+        }
+        if t.service_name.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "telemetry.service_name",
+                "must not be empty",
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.sampling_ratio) {
+            return Err(ConfigError::invalid(
+                "telemetry.sampling_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        let a = &self.access_log;
+        if a.queue_capacity == 0 || a.batch_size == 0 {
+            return Err(ConfigError::invalid(
+                "access_log.queue_capacity",
+                "queue_capacity and batch_size must be at least 1",
+            ));
+        }
+        positive("access_log.flush_interval", a.flush_interval)?;
+        if a.file_max_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "access_log.file_max_bytes",
+                "must be at least 1024",
+            ));
+        }
+        for proxy in &a.trusted_proxies {
+            parse_net(proxy).map_err(|e| ConfigError::invalid("access_log.trusted_proxies", e))?;
+        }
         let h = &self.history;
         positive("history.ttl", h.ttl)?;
         positive("history.prune_interval", h.prune_interval)?;

@@ -15,6 +15,7 @@
 //!
 //! Tests and benchmarks start the real service in-process with [`app::Application`].
 
+pub mod access_log;
 pub mod app;
 pub mod cli;
 pub mod config;

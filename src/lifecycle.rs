@@ -32,6 +32,8 @@ struct Inner {
     /// Cancelled after the readiness grace: every task winds down.
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Tasks that must outlive the drain to write out what it produced (log sinks).
+    flusher: TaskTracker,
     /// Live tasks by kind, so a drain that times out can say what was still running.
     running: Mutex<BTreeMap<&'static str, usize>>,
 }
@@ -48,6 +50,38 @@ impl Lifecycle {
         F::Output: Send + 'static,
     {
         self.inner.tracker.spawn(self.track(name, task))
+    }
+
+    /// Start a task of the flush phase: it keeps running through the drain (requests finishing
+    /// late still produce work for it) and is awaited by [`Lifecycle::flush`] afterwards. It must
+    /// end by itself once its inputs are closed; it is not told to stop.
+    pub fn spawn_flusher<F>(
+        &self,
+        name: &'static str,
+        task: F,
+    ) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let guard = RunningGuard::new(self.clone(), name);
+        self.inner.flusher.spawn(async move {
+            let out = task.await;
+            drop(guard);
+            out
+        })
+    }
+
+    /// Wait for the flush-phase tasks, up to `timeout`. Returns false if the deadline passed.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        self.inner.flusher.close();
+        match tokio::time::timeout(timeout, self.inner.flusher.wait()).await {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::warn!(?timeout, running = ?self.running(), "flush deadline passed");
+                false
+            }
+        }
     }
 
     /// Wrap a future so the tracker waits for it, for tasks that something else spawns.

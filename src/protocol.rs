@@ -370,15 +370,22 @@ impl ServerFrame {
     }
 }
 
-/// The payload relay PUBLISHes to Redis and expects to receive: `{"data":<JSON>,"id":<int>}`.
-/// `id` is optional (other publishers may omit it); unknown fields are ignored so later versions
-/// can add some (e.g. `traceparent`) without breaking older replicas.
+/// The payload relay PUBLISHes to Redis and expects to receive: `{"data":<JSON>,"id":<int>}`,
+/// plus the optional `traceparent` and `ts` relay adds. Only `data` is required (other
+/// publishers may omit the rest); unknown fields are ignored so later versions can add some
+/// without breaking older replicas.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct Envelope<'a> {
     #[serde(borrow)]
     pub data: &'a RawValue,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<i64>,
+    /// W3C trace context of the publish, so delivery spans join the publisher's trace.
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<Cow<'a, str>>,
+    /// Publish time in Unix microseconds (listener lag metric).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<i64>,
 }
 
 /// Why a Redis payload was skipped.

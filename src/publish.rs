@@ -8,6 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tracing::Instrument;
 
 use crate::{
     state::AppState,
@@ -27,11 +28,18 @@ pub async fn publish(
     channel: &str,
     data: &RawValue,
 ) -> Result<Published, StoreError> {
-    let (id, created_at) = store::messages::append(&state.db, channel, data).await?;
-    state.pubsub.publish_committed(channel, data, id).await;
-    Ok(Published {
-        channel: channel.to_owned(),
-        id,
-        created_at,
-    })
+    // The span's context travels in the Redis envelope: deliveries on every replica join it.
+    let span = tracing::info_span!("publish", channel, id = tracing::field::Empty);
+    async {
+        let (id, created_at) = store::messages::append(&state.db, channel, data).await?;
+        tracing::Span::current().record("id", id);
+        state.pubsub.publish_committed(channel, data, id).await;
+        Ok(Published {
+            channel: channel.to_owned(),
+            id,
+            created_at,
+        })
+    }
+    .instrument(span)
+    .await
 }

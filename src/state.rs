@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use crate::{config::Settings, lifecycle::Lifecycle, pubsub::PubSub};
+use crate::{access_log::AccessLog, config::Settings, lifecycle::Lifecycle, pubsub::PubSub};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -15,4 +15,5 @@ pub struct AppState {
     pub db: PgPool,
     pub pubsub: PubSub,
     pub lifecycle: Lifecycle,
+    pub access_log: AccessLog,
 }

@@ -24,6 +24,7 @@ use axum::{
 use futures_util::SinkExt;
 
 use crate::{
+    access_log::{AccessContext, EntryKind, SessionStats},
     history,
     http::{error::ApiError, middleware::RequestId},
     protocol::{ClientFrame, QuerySubscription, ServerFrame, parse_subscription_query},
@@ -53,6 +54,7 @@ const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 32;
 pub async fn upgrade(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
+    access: Option<Extension<AccessContext>>,
     RawQuery(query): RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -75,8 +77,9 @@ pub async fn upgrade(
         .write_buffer_size(cfg.read_buffer_bytes)
         .max_message_size(cfg.max_message_bytes)
         .max_frame_size(cfg.max_message_bytes);
+    let access = access.map(|Extension(access)| access);
     Ok(ws.on_upgrade(move |socket| async move {
-        let session = Session::new(state, request_id);
+        let session = Session::new(state, request_id, access);
         session.run(socket, channels).await;
         drop(task);
     }))
@@ -94,10 +97,27 @@ struct Session {
     subscriptions: Vec<Box<str>>,
     request_id: RequestId,
     bad_frames: u32,
+    /// For the session's access-log entry.
+    access: Option<AccessContext>,
+    traffic: Traffic,
 }
 
+/// What crossed the socket, for the access log.
+#[derive(Debug, Default)]
+struct Traffic {
+    frames_in: u64,
+    frames_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// Every channel subscribed during the session (capped, it is only for the log).
+    channels: Vec<String>,
+}
+
+/// Channels remembered per session for its log entry.
+const LOGGED_CHANNELS: usize = 32;
+
 impl Session {
-    fn new(state: AppState, request_id: RequestId) -> Self {
+    fn new(state: AppState, request_id: RequestId, access: Option<AccessContext>) -> Self {
         let outbox = Arc::new(SessionOutbox::new(state.settings.ws.outbox_capacity));
         Self {
             state,
@@ -105,6 +125,8 @@ impl Session {
             subscriptions: Vec::new(),
             request_id,
             bad_frames: 0,
+            access,
+            traffic: Traffic::default(),
         }
     }
 
@@ -138,6 +160,22 @@ impl Session {
             metrics::counter!("relay_ws_slow_consumer_closes_total").increment(1);
         }
         metrics::gauge!("relay_ws_connections").decrement(1.0);
+        if let Some(access) = &self.access {
+            let traffic = std::mem::take(&mut self.traffic);
+            let stats = SessionStats {
+                frames_in: traffic.frames_in,
+                frames_out: traffic.frames_out,
+                channels: traffic.channels,
+                close_code: code,
+            };
+            let entry = access.session_entry(
+                EntryKind::Websocket,
+                101,
+                (traffic.bytes_in, traffic.bytes_out),
+                stats,
+            );
+            self.state.access_log.record(entry);
+        }
         tracing::debug!(
             request_id = &*self.request_id.0,
             close_code = code,
@@ -172,7 +210,11 @@ impl Session {
                         } else {
                             End::Gone
                         },
-                        Some(Ok(Message::Text(text))) => self.on_text(&text).await,
+                        Some(Ok(Message::Text(text))) => {
+                            self.traffic.frames_in += 1;
+                            self.traffic.bytes_in += text.len() as u64;
+                            self.on_text(&text).await
+                        }
                         Some(Ok(Message::Binary(_))) => self.bad_frame(ServerFrame::error(
                             "unsupported_binary",
                             "binary frames are not supported; send JSON text frames",
@@ -218,7 +260,10 @@ impl Session {
             }
             while let Some(item) = batch.pop_front() {
                 let written = match item {
-                    Outgoing::Frame(frame) => feed(socket, frame, write_timeout).await,
+                    Outgoing::Frame(frame) => {
+                        self.traffic.count_out(&frame);
+                        feed(socket, frame, write_timeout).await
+                    }
                     Outgoing::Replay(replay) => self.replay(socket, &replay, write_timeout).await,
                 };
                 if let Err(end) = written {
@@ -241,6 +286,7 @@ impl Session {
     ) -> Result<(), End> {
         let (first, cursor) = history::start_replay(&self.state.db, replay).await;
         for frame in first {
+            self.traffic.count_out(&frame);
             feed(socket, frame, write_timeout).await?;
         }
         let Some(mut cursor) = cursor else {
@@ -250,6 +296,7 @@ impl Session {
             match cursor.next_page().await {
                 Ok(Some(frames)) => {
                     for frame in frames {
+                        self.traffic.count_out(&frame);
                         feed(socket, frame, write_timeout).await?;
                     }
                     flush(socket, write_timeout).await?;
@@ -316,7 +363,14 @@ impl Session {
             .subscribe(channel, &self.outbox, since)
             .await
         {
-            Ok(_) if !already => self.subscriptions.push(channel.into()),
+            Ok(_) if !already => {
+                self.subscriptions.push(channel.into());
+                if self.traffic.channels.len() < LOGGED_CHANNELS
+                    && !self.traffic.channels.iter().any(|c| c == channel)
+                {
+                    self.traffic.channels.push(channel.to_owned());
+                }
+            }
             Ok(_) => {}
             // The listener queued the error frame itself.
             Err(PubSubError::ListenerStopped) => {
@@ -348,6 +402,13 @@ impl Drop for Session {
     fn drop(&mut self) {
         let channels = std::mem::take(&mut self.subscriptions);
         self.state.pubsub.leave(channels, Arc::clone(&self.outbox));
+    }
+}
+
+impl Traffic {
+    fn count_out(&mut self, frame: &ServerFrame) {
+        self.frames_out += 1;
+        self.bytes_out += frame.text.len() as u64;
     }
 }
 

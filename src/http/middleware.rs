@@ -23,7 +23,10 @@ use tower_http::{
 };
 use tracing::Span;
 
-use crate::http::error::{code_for, error_response};
+use crate::{
+    http::error::{code_for, error_response},
+    telemetry::otel,
+};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -141,14 +144,23 @@ fn make_span(req: &Request) -> Span {
         .get::<RequestId>()
         .map(|id| &*id.0)
         .unwrap_or("");
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "http_request",
         method = %req.method(),
         route,
         request_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
-    )
+    );
+    // Continue the caller's trace (W3C `traceparent`), and put the ids on every log line of it.
+    otel::set_parent_from(&span, &opentelemetry_http::HeaderExtractor(req.headers()));
+    if let Some((trace_id, span_id)) = otel::ids(&span) {
+        span.record("trace_id", trace_id);
+        span.record("span_id", span_id);
+    }
+    span
 }
 
 fn on_response(res: &Response, latency: Duration, span: &Span) {

@@ -1,10 +1,11 @@
 //! The HTTP surface: routes and the middleware stack around them.
 //!
-//! Layers, outermost first: request id → trace span and request log → JSON error shape → panic
-//! catcher → CORS → body limit → timeout → compression → routes. The order matters: the request
+//! Layers, outermost first: request id → trace span → access log and metrics → JSON error shape
+//! → panic catcher → CORS → body limit → timeout → compression → routes. The order matters: the request
 //! id exists before anything logs, and errors produced by inner layers (413, 408, panics) still
 //! get the JSON shape and the id.
 
+pub mod admin;
 pub mod error;
 pub mod health;
 pub mod messages;
@@ -31,6 +32,10 @@ use crate::{config::HttpSettings, sse, state::AppState, ws};
 /// Build the router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let http = state.settings.http.clone();
+    let access_log = axum::middleware::from_fn_with_state(
+        state.clone(),
+        crate::access_log::middleware::record_http,
+    );
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -50,6 +55,7 @@ pub fn router(state: AppState) -> Router {
                 ]))
                 .layer(axum::middleware::from_fn(middleware::request_id))
                 .layer(middleware::trace_layer())
+                .layer(access_log)
                 .layer(axum::middleware::from_fn(middleware::json_errors))
                 .layer(CatchPanicLayer::custom(middleware::panic_response))
                 .option_layer(cors_layer(&http))

@@ -32,6 +32,7 @@ use crate::{
     lifecycle::Lifecycle,
     protocol::{Envelope, ServerFrame},
     store::{self, messages::StoredMessage},
+    telemetry::otel,
 };
 
 use super::{
@@ -358,6 +359,20 @@ impl Listener {
                 return;
             }
         };
+        if let Some(ts) = envelope.ts {
+            let lag_us = chrono::Utc::now()
+                .timestamp_micros()
+                .saturating_sub(ts)
+                .max(0);
+            metrics::histogram!("relay_listener_lag_seconds").record(lag_us as f64 / 1e6);
+        }
+        // Join the publisher's trace when it sent one (only then: spans per message cost).
+        let span = envelope.traceparent.as_deref().map(|traceparent| {
+            let span = tracing::info_span!("fan_out", channel, id = envelope.id);
+            otel::set_parent_from(&span, &otel::TraceparentCarrier(traceparent));
+            span
+        });
+        let _entered = span.as_ref().map(tracing::Span::enter);
         let frame = ServerFrame::message(channel, envelope.data, envelope.id);
         let result = match envelope.id {
             Some(id) => {

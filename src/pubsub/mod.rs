@@ -17,7 +17,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{config::RedisSettings, lifecycle::Lifecycle, protocol::Envelope};
+use crate::{config::RedisSettings, lifecycle::Lifecycle, protocol::Envelope, telemetry::otel};
 
 use listener::{Command, Listener};
 pub use listener::{HistorySource, ListenerStatus};
@@ -187,7 +187,13 @@ impl PubSub {
         data: &RawValue,
         id: Option<i64>,
     ) -> Result<(), PubSubError> {
-        let payload = Envelope { data, id }.encode();
+        let payload = Envelope {
+            data,
+            id,
+            traceparent: otel::traceparent(&tracing::Span::current()).map(Into::into),
+            ts: Some(chrono::Utc::now().timestamp_micros()),
+        }
+        .encode();
         let mut conn = self.publisher.clone();
         let redis_channel = format!("{}{}", self.prefix, channel);
         let mut cmd = redis::cmd("PUBLISH");

@@ -38,6 +38,9 @@ pub fn base_settings() -> Settings {
     };
     let mut settings = Settings::load(&opts).expect("the shipped config must load");
     settings.server.port = 0;
+    settings.server.admin_port = 0;
+    // Tests that check the access log turn sinks on; the rest keep the output readable.
+    settings.access_log.sinks = Vec::new();
     settings.redis.url = SecretUrl::new(redis_url());
     settings.redis.channel_prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
     settings.shutdown.readiness_grace = Duration::ZERO;

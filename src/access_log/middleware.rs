@@ -1,0 +1,311 @@
+//! The access-log middleware: measures each HTTP request and records its entry once the response
+//! body has been sent (or abandoned), plus the request metrics.
+//!
+//! It also puts an [`AccessContext`] into the request extensions — request id, trace id, client
+//! address, redacted path — which WebSocket and SSE sessions use for their own entry at the end.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{ConnectInfo, MatchedPath, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::Next,
+    response::Response,
+};
+use chrono::Utc;
+use http_body::{Frame, SizeHint};
+
+use super::{AccessLog, Entry, EntryKind, SessionStats, redact_path};
+use crate::{http::middleware::RequestId, state::AppState, telemetry::otel};
+
+/// Who asked what, for entries written after the request (sessions).
+#[derive(Debug, Clone)]
+pub struct AccessContext {
+    pub request_id: String,
+    pub trace_id: Option<String>,
+    pub method: String,
+    pub route: Option<String>,
+    pub path: String,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub started: Instant,
+}
+
+impl AccessContext {
+    /// The entry for a session that ended now.
+    pub fn session_entry(
+        &self,
+        kind: EntryKind,
+        status: u16,
+        bytes: (u64, u64),
+        stats: SessionStats,
+    ) -> Entry {
+        Entry {
+            ts: Utc::now(),
+            kind,
+            request_id: self.request_id.clone(),
+            trace_id: self.trace_id.clone(),
+            method: self.method.clone(),
+            route: self.route.clone(),
+            path: self.path.clone(),
+            status,
+            latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in: bytes.0,
+            bytes_out: bytes.1,
+            client_ip: self.client_ip.clone(),
+            user_agent: self.user_agent.clone(),
+            subject: None,
+            session: Some(stats),
+        }
+    }
+}
+
+/// The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
+/// address in `X-Forwarded-For` that is not itself a trusted proxy.
+fn client_ip(
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<IpAddr> {
+    let peer = peer?;
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    forwarded
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(forwarded.first())
+        .copied()
+        .or(Some(peer))
+}
+
+pub async fn record_http(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let log = state.access_log.clone();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let headers = req.headers();
+    let trace_id = otel::ids(&tracing::Span::current())
+        .map(|(trace, _)| trace)
+        .or_else(|| {
+            headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(otel::trace_id_of)
+                .map(str::to_owned)
+        });
+    let context = AccessContext {
+        request_id: req
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.0.to_string())
+            .unwrap_or_default(),
+        trace_id,
+        method: req.method().to_string(),
+        route: req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned()),
+        path: redact_path(req.uri().path(), req.uri().query()),
+        client_ip: client_ip(peer, headers, &log.trusted_proxies).map(|ip| ip.to_string()),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| ua.chars().take(512).collect()),
+        started,
+    };
+    req.extensions_mut().insert(context.clone());
+
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let req = req.map(|body| Body::new(Counting::new(body, Arc::clone(&bytes_in), None)));
+    let res = next.run(req).await;
+
+    let status = res.status();
+    let route = context.route.as_deref().unwrap_or("<unmatched>").to_owned();
+    metrics::counter!(
+        "relay_http_requests_total",
+        "method" => context.method.clone(),
+        "route" => route.clone(),
+        "status" => status.as_str().to_owned()
+    )
+    .increment(1);
+    metrics::histogram!("relay_http_request_duration_seconds", "method" => context.method.clone(), "route" => route)
+        .record(started.elapsed().as_secs_f64());
+
+    // A WebSocket session writes its own entry when it ends.
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return res;
+    }
+    let is_sse = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let pending = PendingEntry {
+        log,
+        context,
+        status: status.as_u16(),
+        kind: if is_sse {
+            EntryKind::Sse
+        } else {
+            EntryKind::Http
+        },
+        bytes_in,
+        bytes_out: Arc::new(AtomicU64::new(0)),
+        frames_out: 0,
+    };
+    res.map(|body| {
+        let bytes_out = Arc::clone(&pending.bytes_out);
+        Body::new(Counting::new(body, bytes_out, Some(pending)))
+    })
+}
+
+/// An entry waiting for its response body to finish; written on drop, which happens when the
+/// body is complete or the client went away.
+struct PendingEntry {
+    log: AccessLog,
+    context: AccessContext,
+    status: u16,
+    kind: EntryKind,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+    frames_out: u64,
+}
+
+impl Drop for PendingEntry {
+    fn drop(&mut self) {
+        let bytes = (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        );
+        let mut entry = match self.kind {
+            EntryKind::Sse => {
+                let channels = url_channels(&self.context.path);
+                let stats = SessionStats {
+                    frames_out: self.frames_out,
+                    channels,
+                    ..SessionStats::default()
+                };
+                self.context
+                    .session_entry(EntryKind::Sse, self.status, bytes, stats)
+            }
+            _ => self.context.session_entry(
+                EntryKind::Http,
+                self.status,
+                bytes,
+                SessionStats::default(),
+            ),
+        };
+        if self.kind == EntryKind::Http {
+            entry.session = None;
+        }
+        self.log.record(entry);
+    }
+}
+
+/// The `channels=` list of a (redacted) path, for SSE entries.
+fn url_channels(path: &str) -> Vec<String> {
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "channels")
+        .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// A body that counts the bytes (and data frames) passing through it.
+struct Counting {
+    inner: Body,
+    bytes: Arc<AtomicU64>,
+    pending: Option<PendingEntry>,
+}
+
+impl Counting {
+    fn new(inner: Body, bytes: Arc<AtomicU64>, pending: Option<PendingEntry>) -> Self {
+        Self {
+            inner,
+            bytes,
+            pending,
+        }
+    }
+}
+
+impl http_body::Body for Counting {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if let Some(pending) = self.pending.as_mut() {
+                pending.frames_out += 1;
+            }
+        }
+        if let Poll::Ready(None) = &polled {
+            // Complete: write the entry now rather than whenever the body is dropped.
+            self.pending.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "203.0.113.7, 10.1.2.3".parse().unwrap());
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            client_ip(Some(proxy), &headers, &trusted),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        assert_eq!(
+            client_ip(Some(stranger), &headers, &trusted),
+            Some(stranger)
+        );
+        assert_eq!(
+            client_ip(Some(proxy), &HeaderMap::new(), &trusted),
+            Some(proxy)
+        );
+    }
+}
