@@ -285,32 +285,59 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("`{s}` is not an IP address or CIDR"))
 }
 
+/// Keys whose environment variable is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "http.cors_allowed_origins",
+    "access_log.sinks",
+    "access_log.trusted_proxies",
+];
+
 impl Settings {
     /// Load from the files and variables described by `opts`, then validate.
     pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
-        let env_vars: config::Map<String, String> = opts
+        let mut env_vars: config::Map<String, String> = opts
             .env
             .iter()
             .filter(|(k, _)| k.starts_with("APP__"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let raw = config::Config::builder()
+        // An empty list variable (`APP__ACCESS_LOG__SINKS=`) means an empty list, which the
+        // environment source cannot express; apply those as overrides instead.
+        let mut empty_lists = Vec::new();
+        for key in LIST_KEYS {
+            let var = format!("APP__{}", key.replace('.', "__").to_uppercase());
+            match env_vars.get_mut(&var) {
+                Some(v) if v.trim().is_empty() => {
+                    env_vars.remove(&var);
+                    empty_lists.push(*key);
+                }
+                // `a, b` means `a,b`.
+                Some(v) => *v = v.split(',').map(str::trim).collect::<Vec<_>>().join(","),
+                None => {}
+            }
+        }
+        let mut builder = config::Config::builder()
             .add_source(config::File::from(opts.dir.join("default.toml")).required(true))
             .add_source(
                 config::File::from(opts.dir.join(format!("{}.toml", opts.app_env))).required(false),
             )
             .add_source(
-                config::Environment::with_prefix("APP")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .list_separator(",")
-                    .with_list_parse_key("http.cors_allowed_origins")
-                    .with_list_parse_key("access_log.sinks")
-                    .with_list_parse_key("access_log.trusted_proxies")
+                LIST_KEYS
+                    .iter()
+                    .fold(
+                        config::Environment::with_prefix("APP")
+                            .prefix_separator("__")
+                            .separator("__")
+                            .try_parsing(true)
+                            .list_separator(","),
+                        |env, key| env.with_list_parse_key(key),
+                    )
                     .source(Some(env_vars)),
-            )
-            .build()?;
+            );
+        for key in empty_lists {
+            builder = builder.set_override(key, Vec::<String>::new())?;
+        }
+        let raw = builder.build()?;
         let settings: Settings = raw.try_deserialize()?;
         settings.validate()?;
         Ok(settings)

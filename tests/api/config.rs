@@ -38,6 +38,20 @@ fn environment_overrides_files() {
 }
 
 #[test]
+fn list_variables_accept_spaces_and_empty() {
+    let s = load(&[
+        ("APP__ACCESS_LOG__SINKS", "file, postgres"),
+        ("APP__HTTP__CORS_ALLOWED_ORIGINS", ""),
+    ])
+    .unwrap();
+    assert_eq!(s.access_log.sinks.len(), 2);
+    assert!(s.http.cors_allowed_origins.is_empty());
+    let s = load(&[("APP__ACCESS_LOG__SINKS", "")]).unwrap();
+    assert!(s.access_log.sinks.is_empty());
+    assert!(load(&[("APP__ACCESS_LOG__SINKS", "stdout,syslog")]).is_err());
+}
+
+#[test]
 fn invalid_values_name_the_key() {
     let cases: &[(&str, &str, &str)] = &[
         ("APP__SERVER__PORT", "99999", "server.port"),
@@ -56,6 +70,17 @@ fn invalid_values_name_the_key() {
         ),
         ("APP__LOG__FORMAT", "xml", "log.format"),
         ("APP__WS__IDLE_TIMEOUT", "1s", "ws.idle_timeout"),
+        (
+            "APP__TELEMETRY__SAMPLING_RATIO",
+            "2",
+            "telemetry.sampling_ratio",
+        ),
+        (
+            "APP__ACCESS_LOG__TRUSTED_PROXIES",
+            "10.0.0.0/8,nonsense",
+            "access_log.trusted_proxies",
+        ),
+        ("APP__SERVER__ADMIN_PORT", "8080", "server.admin_port"),
         // A misspelt key is an error, not a silently ignored default.
         ("APP__SERVER__PROT", "1", "prot"),
     ];

@@ -113,6 +113,7 @@ async fn check_redis() {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub settings: Settings,
     /// The database, owned by the first replica of a test (dropped with it).
     _db: Option<TestDatabase>,
@@ -149,12 +150,14 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
         .await
         .expect("app builds");
     let addr = app.local_addr();
+    let admin_addr = app.admin_addr();
     let lifecycle = app.lifecycle();
     let server = tokio::spawn(async move {
         app.run_until_stopped().await.expect("server runs");
     });
     TestApp {
         addr,
+        admin_addr,
         db_url: settings.database.url.expose().to_owned(),
         settings,
         _db: db,
@@ -194,6 +197,20 @@ impl TestApp {
         let res = self.post_message(channel, data).await;
         assert_eq!(res.status(), 201, "{:?}", res.text().await);
         res.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
+    }
+
+    /// GET the admin port's `/metrics` and parse it.
+    pub async fn metrics(&self) -> Metrics {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.admin_addr))
+            .send()
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body");
+        Metrics::parse(&text)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -265,7 +282,7 @@ impl TestApp {
     }
 
     /// Trigger graceful shutdown and wait for the server to finish.
-    pub async fn shutdown(mut self) -> Duration {
+    pub async fn shutdown(&mut self) -> Duration {
         let started = std::time::Instant::now();
         self.lifecycle.cancel();
         if let Some(server) = self.server.take() {
@@ -428,4 +445,164 @@ pub async fn wait_for_status(app: &TestApp, path: &str, status: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{path} did not turn {status} within 10s");
+}
+
+/// Prometheus text format, parsed strictly enough to catch a malformed exposition.
+pub struct Metrics {
+    samples: Vec<Sample>,
+}
+
+/// Name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line `{line}`"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in `{line}`"));
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let body = rest
+                        .strip_suffix('}')
+                        .unwrap_or_else(|| panic!("bad labels in `{line}`"));
+                    let labels = body
+                        .split("\",")
+                        .filter(|p| !p.is_empty())
+                        .map(|pair| {
+                            let (k, v) = pair
+                                .split_once("=\"")
+                                .unwrap_or_else(|| panic!("bad label in `{line}`"));
+                            (k.to_owned(), v.trim_end_matches('"').to_owned())
+                        })
+                        .collect();
+                    (name.to_owned(), labels)
+                }
+                None => (series.to_owned(), Vec::new()),
+            };
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad metric name in `{line}`"
+            );
+            samples.push((name, labels, value));
+        }
+        Self { samples }
+    }
+
+    /// Sum of the samples of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, _, _)| n == name)
+    }
+}
+
+/// The `relay` binary running as a child process.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl RelayProcess {
+    /// Start `relay serve` with these variables on top of a test-friendly base (ports 0, JSON
+    /// logs), and wait for its "listening" line to learn the address.
+    pub fn start(env: &[(&str, String)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_relay"));
+        command
+            .arg("serve")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("APP__SERVER__PORT", "0")
+            .env("APP__SERVER__ADMIN_PORT", "0")
+            .env("APP__REDIS__URL", redis_url())
+            .env("APP__LOG__FORMAT", "json")
+            .env("APP__LOG__LEVEL", "info")
+            .env("APP__ACCESS_LOG__SINKS", "")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start relay");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "listening"
+                {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("relay logs its address");
+        Self { child, addr }
+    }
+
+    pub async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        for _ in 0..200 {
+            if http
+                .get(format!("http://{}/readyz", self.addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("relay process at {} did not become ready", self.addr);
+    }
+
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit, at most `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "relay did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -239,7 +239,7 @@ async fn garbage_redis_payloads_are_skipped_and_the_listener_keeps_going() {
 
 #[tokio::test]
 async fn shutdown_closes_websockets_with_1001_within_the_deadline() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     let mut a = app.subscribed_ws(&["bye"]).await;
     let mut b = app.connect_ws("").await;
     let deadline = app.settings.shutdown.drain_timeout;

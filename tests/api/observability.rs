@@ -1,0 +1,309 @@
+//! Access log, metrics and tracing: what operators see.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{RelayProcess, create_database, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn every_request_and_session_gets_exactly_one_entry_in_file_and_postgres() {
+    let dir = std::env::temp_dir().join(format!("relay-access-{}", uuid::Uuid::new_v4().simple()));
+    let file = dir.join("access.log");
+    let path = file.clone();
+    let mut app = spawn_app_with(|s| {
+        s.access_log.sinks = vec![
+            relay::config::AccessLogSinkKind::File,
+            relay::config::AccessLogSinkKind::Postgres,
+        ];
+        s.access_log.file_path = path;
+        s.access_log.flush_interval = Duration::from_secs(60); // only size or shutdown flushes
+    })
+    .await;
+    let mut ids = BTreeSet::new();
+    for i in 0..25 {
+        let id = format!("req-{i}");
+        let res = app
+            .http
+            .get(app.url(&format!("/healthz?token=s3cret&n={i}")))
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["x-request-id"], id.as_str());
+        ids.insert(id);
+    }
+    // One WebSocket session, closed by the shutdown.
+    let mut ws = app.subscribed_ws(&["logged"]).await;
+    ws.send_json(json!({"type": "ping"})).await;
+    ws.expect_type("pong").await;
+    app.shutdown().await;
+
+    let text = std::fs::read_to_string(&file).expect("file sink wrote");
+    let entries: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // The harness polls /readyz before handing the app over; those entries are not ours.
+    let http: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "http" && e["route"] != "/readyz")
+        .collect();
+    let logged: BTreeSet<String> = http
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(http.len(), 25, "exactly one entry per request");
+    assert_eq!(logged, ids);
+    let sample = http[0];
+    assert_eq!(sample["log"], "access");
+    assert_eq!(sample["method"], "GET");
+    assert_eq!(sample["route"], "/healthz");
+    assert_eq!(sample["status"], 200);
+    assert!(
+        sample["path"].as_str().unwrap().contains("token=REDACTED"),
+        "{sample}"
+    );
+    assert!(!text.contains("s3cret"), "secrets never reach the log");
+    assert!(sample["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(sample["client_ip"], "127.0.0.1");
+    let sessions: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "websocket")
+        .collect();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["session"]["close_code"], 1001);
+    assert_eq!(sessions[0]["session"]["channels"], json!(["logged"]));
+    assert_eq!(sessions[0]["session"]["frames_in"], 1);
+    assert!(sessions[0]["session"]["frames_out"].as_u64().unwrap() >= 2);
+
+    let pool = app.db_pool().await;
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT request_id, kind FROM access_log WHERE route IS DISTINCT FROM '/readyz' ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let db_ids: BTreeSet<String> = rows
+        .iter()
+        .filter(|(_, k)| k == "http")
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(rows.iter().filter(|(_, k)| k == "http").count(), 25);
+    assert_eq!(db_ids, ids);
+    assert_eq!(rows.iter().filter(|(_, k)| k == "websocket").count(), 1);
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_stalled_sink_drops_entries_instead_of_slowing_requests() {
+    let app = spawn_app_with(|s| {
+        s.access_log.sinks = vec![relay::config::AccessLogSinkKind::Postgres];
+        s.access_log.queue_capacity = 16;
+        s.access_log.batch_size = 4;
+        s.access_log.flush_interval = Duration::from_millis(10);
+    })
+    .await;
+    let dropped_before = app
+        .metrics()
+        .await
+        .sum("relay_access_log_dropped_total", &[("sink", "postgres")]);
+    // Stall the sink: its INSERTs wait on this lock for as long as the transaction is open.
+    let pool = app.db_pool().await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE access_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..300 {
+        let t = Instant::now();
+        assert_eq!(app.get("/healthz").await.status(), 200);
+        slowest = slowest.max(t.elapsed());
+    }
+    // Blocking on the log would stall every request behind the lock; a generous bound suffices.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a request waited {slowest:?} for the log"
+    );
+    let dropped = app
+        .metrics()
+        .await
+        .sum("relay_access_log_dropped_total", &[("sink", "postgres")]);
+    assert!(
+        dropped > dropped_before,
+        "drops are counted ({dropped_before} -> {dropped})"
+    );
+    lock.rollback().await.unwrap();
+    eprintln!(
+        "300 requests with a stalled sink took {:?}",
+        started.elapsed()
+    );
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_move_with_traffic() {
+    let app = spawn_app().await;
+    let before = app.metrics().await;
+    let mut ws = app.subscribed_ws(&["m"]).await;
+    for i in 0..5 {
+        app.publish("m", json!(i)).await;
+        ws.expect_type("message").await;
+    }
+    for _ in 0..3 {
+        app.get("/healthz").await;
+    }
+    let after = app.metrics().await;
+    let moved =
+        |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
+    assert!(
+        moved(
+            "relay_http_requests_total",
+            &[("route", "/healthz"), ("status", "200")]
+        ) >= 3.0
+    );
+    assert!(
+        moved(
+            "relay_http_requests_total",
+            &[
+                ("route", "/api/v1/channels/{channel}/messages"),
+                ("status", "201")
+            ]
+        ) >= 5.0
+    );
+    assert!(moved("relay_messages_published_total", &[]) >= 5.0);
+    assert!(moved("relay_messages_delivered_total", &[]) >= 5.0);
+    assert!(
+        after.sum(
+            "relay_http_request_duration_seconds_count",
+            &[("route", "/healthz")]
+        ) >= 3.0
+    );
+    assert!(after.has("relay_ws_connections"));
+    assert!(after.has("relay_subscriptions"));
+    assert!(after.has("relay_db_pool_connections"));
+    assert!(after.has("relay_listener_lag_seconds_count"));
+    // The admin port is separate from the API: /metrics is not public.
+    assert_eq!(app.get("/metrics").await.status(), 404);
+}
+
+/// One span as the test collector saw it.
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    name: String,
+    trace_id: String,
+    instance: String,
+}
+
+/// A minimal OTLP/HTTP collector: decodes `POST /v1/traces` protobuf bodies.
+async fn start_collector() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&spans);
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = Arc::clone(&sink);
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                let mut spans = sink.lock().unwrap();
+                for resource in request.resource_spans {
+                    let instance = resource
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|kv| kv.key == "service.instance.id")
+                        .map(|kv| format!("{:?}", kv.value))
+                        .unwrap_or_default();
+                    for scope in resource.scope_spans {
+                        for span in scope.spans {
+                            spans.push(ReceivedSpan {
+                                name: span.name,
+                                trace_id: span
+                                    .trace_id
+                                    .iter()
+                                    .map(|b| format!("{b:02x}"))
+                                    .collect(),
+                                instance: instance.clone(),
+                            });
+                        }
+                    }
+                }
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), spans)
+}
+
+#[tokio::test]
+async fn one_trace_spans_http_publish_on_one_replica_and_delivery_on_another() {
+    let (collector, spans) = start_collector().await;
+    let db = create_database().await;
+    let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("APP__DATABASE__URL", db.url.clone()),
+        ("APP__REDIS__CHANNEL_PREFIX", prefix),
+        ("APP__TELEMETRY__OTLP_ENDPOINT", collector),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    let mut a = RelayProcess::start(&env);
+    let mut b = RelayProcess::start(&env);
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    let (stream, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?channels=traced", b.addr))
+            .await
+            .unwrap();
+    let mut ws = crate::helpers::WsClient { stream };
+    ws.expect_type("subscribed").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let res = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/channels/traced/messages", a.addr))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"data": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(ws.expect_type("message").await["data"], "hello");
+    drop(ws);
+    a.terminate();
+    b.terminate();
+    assert!(a.wait_exit(Duration::from_secs(15)).await.success());
+    assert!(b.wait_exit(Duration::from_secs(15)).await.success());
+
+    let spans = spans.lock().unwrap().clone();
+    let in_trace: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let publish = in_trace
+        .iter()
+        .find(|s| s.name == "publish")
+        .unwrap_or_else(|| panic!("publish span in {spans:?}"));
+    let fan_out = in_trace
+        .iter()
+        .find(|s| s.name == "fan_out")
+        .unwrap_or_else(|| panic!("fan_out span in {spans:?}"));
+    assert!(
+        in_trace.iter().any(|s| s.name == "http_request"),
+        "{spans:?}"
+    );
+    assert_ne!(
+        publish.instance, fan_out.instance,
+        "delivery happened on the other replica"
+    );
+}
