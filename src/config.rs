@@ -74,6 +74,7 @@ pub struct Settings {
     pub ws: WsSettings,
     pub sse: SseSettings,
     pub history: HistorySettings,
+    pub demo: DemoSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -210,6 +211,13 @@ pub struct HistorySettings {
     /// How long a replica waits for a missing offset before filling the gap from Postgres.
     #[serde(with = "humantime_serde")]
     pub gap_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSettings {
+    /// Serve the live demo page at `/`; off in production, where `/` is a plain 404.
+    pub enabled: bool,
 }
 
 impl Settings {
