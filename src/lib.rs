@@ -18,6 +18,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod history;
 pub mod http;
 pub mod lifecycle;
