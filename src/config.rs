@@ -76,6 +76,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub telemetry: TelemetrySettings,
     pub access_log: AccessLogSettings,
+    pub demo: DemoSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -291,6 +292,13 @@ const LIST_KEYS: &[&str] = &[
     "access_log.sinks",
     "access_log.trusted_proxies",
 ];
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSettings {
+    /// Serve the live demo page at `/`; off in production, where `/` is a plain 404.
+    pub enabled: bool,
+}
 
 impl Settings {
     /// Load from the files and variables described by `opts`, then validate.

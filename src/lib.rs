@@ -19,6 +19,7 @@ pub mod access_log;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod history;
 pub mod http;
 pub mod lifecycle;

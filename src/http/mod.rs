@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/channels/{channel}/messages",
             get(messages::list_messages).post(messages::publish_message),
         )
+        .merge(crate::demo::routes(&state.settings.demo))
         .with_state(state)
         .layer(
             ServiceBuilder::new()

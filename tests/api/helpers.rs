@@ -281,6 +281,16 @@ impl TestApp {
         n
     }
 
+    /// Graceful shutdown that keeps the database (plain `shutdown` drops it with the app), so
+    /// the same deployment can be started again with [`Stopped::restart`].
+    pub async fn shutdown_keeping_data(mut self) -> Stopped {
+        let mut settings = self.settings.clone();
+        settings.server.port = self.addr.port();
+        let db = self._db.take();
+        self.shutdown().await;
+        Stopped { settings, db }
+    }
+
     /// Trigger graceful shutdown and wait for the server to finish.
     pub async fn shutdown(&mut self) -> Duration {
         let started = std::time::Instant::now();
@@ -298,6 +308,22 @@ impl Drop for TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
         }
+    }
+}
+
+/// A stopped instance whose database (if it owned it) is kept for a restart.
+pub struct Stopped {
+    settings: Settings,
+    db: Option<TestDatabase>,
+}
+
+impl Stopped {
+    /// Start again on the same port with the same database and Redis prefix, as a restarted
+    /// process looks to its clients; waits until ready.
+    pub async fn restart(self) -> TestApp {
+        let app = start(self.settings, self.db).await;
+        app.wait_ready().await;
+        app
     }
 }
 

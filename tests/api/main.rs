@@ -2,6 +2,7 @@
 //! unused port with its own database and Redis prefix, against real Postgres and Redis.
 
 mod config;
+mod demo;
 mod health;
 mod helpers;
 mod history;
