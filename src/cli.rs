@@ -30,6 +30,8 @@ pub enum Command {
     Migrate,
     /// Load and validate configuration, print it with secrets redacted, and exit.
     CheckConfig,
+    /// Print the OpenAPI document of the HTTP API (the one served at /api-docs/openapi.json).
+    Openapi,
     /// GET the service's own /readyz; exit 0 when ready, 1 otherwise.
     Healthcheck {
         /// URL to check instead of http://127.0.0.1:{server.port}/readyz.
@@ -53,6 +55,16 @@ pub fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => check_config(&settings),
+        Command::Openapi => match crate::http::openapi().to_pretty_json() {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("relay: cannot render the OpenAPI document: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Healthcheck { url, timeout } => {
             runtime(1).block_on(healthcheck(&settings, url, timeout))
         }

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// What the publisher learns: the message's offset and commit time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Published {
     pub channel: String,
     pub id: i64,

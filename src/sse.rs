@@ -29,6 +29,19 @@ use crate::{
     state::AppState,
 };
 
+/// Server-Sent Events stream of the listed channels.
+#[utoipa::path(
+    get,
+    path = "/sse",
+    tag = "realtime",
+    description = "`event: message` with the WebSocket message frame as data and the offset as id; `Last-Event-ID` resumes a single-channel stream. See docs/protocol.md.",
+    params(("channels" = String, Query, description = "Comma-separated channels (at least one)")),
+    responses(
+        (status = 200, description = "text/event-stream", content_type = "text/event-stream"),
+        (status = 400, description = "Invalid channels or Last-Event-ID", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Shutting down or Redis unavailable", body = crate::http::error::ErrorBody),
+    )
+)]
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -51,6 +51,18 @@ pub mod close_code {
 const MAX_CONSECUTIVE_BAD_FRAMES: u32 = 32;
 
 /// Validate the query, then upgrade. Refusals happen before the upgrade, as JSON errors.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "realtime",
+    description = "WebSocket upgrade. `channels=a,b` subscribes at connect, `since.<channel>=<offset>` resumes; frames in docs/protocol.md.",
+    params(("channels" = Option<String>, Query, description = "Comma-separated channels to subscribe to")),
+    responses(
+        (status = 101, description = "Switching protocols: the WebSocket session starts"),
+        (status = 400, description = "Invalid channels or not a WebSocket request", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Shutting down", body = crate::http::error::ErrorBody),
+    )
+)]
 pub async fn upgrade(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,

@@ -14,6 +14,8 @@ use serde_json::json;
 
 use crate::state::AppState;
 
+/// Liveness: the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive", body = serde_json::Value, example = json!({"status": "ok"}))))]
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
@@ -45,6 +47,16 @@ async fn check<E: std::fmt::Display>(
     }
 }
 
+/// Readiness: Postgres, Redis and the pub/sub listener answer, and no shutdown is under way.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready; each check with its latency", body = serde_json::Value),
+        (status = 503, description = "Not ready (a dependency failed or shutting down)", body = serde_json::Value),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let budget = state.settings.health.check_timeout;
     let postgres = check(budget, async {

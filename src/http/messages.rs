@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{
-    http::error::{ApiError, AppJson, AppQuery},
+    http::error::{ApiError, AppJson, AppQuery, ErrorBody},
     protocol::validate_channel,
     publish::{self, Published},
     state::AppState,
@@ -39,11 +39,29 @@ fn channel_name(channel: &str) -> Result<&str, ApiError> {
 }
 
 /// Body of a publish request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PublishRequest {
+    /// Any JSON value.
+    #[schema(value_type = serde_json::Value)]
     pub data: Box<RawValue>,
 }
 
+/// Publish a message: stored with the channel's next offset, then delivered to every subscriber
+/// on every replica.
+#[utoipa::path(
+    post,
+    path = "/api/v1/channels/{channel}/messages",
+    tag = "messages",
+    params(("channel" = String, Path, description = "1-128 characters of A-Z a-z 0-9 _ - : .")),
+    request_body = PublishRequest,
+    responses(
+        (status = 201, description = "Stored (durable) and being delivered", body = Published),
+        (status = 400, description = "Invalid channel or body", body = ErrorBody),
+        (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Body is not application/json", body = ErrorBody),
+        (status = 503, description = "Message store unavailable", body = ErrorBody),
+    )
+)]
 pub async fn publish_message(
     State(state): State<AppState>,
     Path(channel): Path<String>,
@@ -54,22 +72,26 @@ pub async fn publish_message(
     Ok((StatusCode::CREATED, AppJson(published)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// Return messages with an offset greater than this (default 0).
     #[serde(default)]
     pub since: Option<i64>,
+    /// Page size, 1..=history.max_page_size (default history.default_page_size).
     #[serde(default)]
     pub limit: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HistoryMessage {
     pub id: i64,
+    #[schema(value_type = serde_json::Value)]
     pub data: Box<RawValue>,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HistoryPage {
     pub channel: String,
     pub messages: Vec<HistoryMessage>,
@@ -85,6 +107,18 @@ pub struct HistoryPage {
     pub truncated: bool,
 }
 
+/// Page through a channel's stored messages, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/channels/{channel}/messages",
+    tag = "messages",
+    params(("channel" = String, Path, description = "1-128 characters of A-Z a-z 0-9 _ - : ."), HistoryQuery),
+    responses(
+        (status = 200, description = "A page of history", body = HistoryPage),
+        (status = 400, description = "Invalid channel, since or limit", body = ErrorBody),
+        (status = 503, description = "Message store unavailable", body = ErrorBody),
+    )
+)]
 pub async fn list_messages(
     State(state): State<AppState>,
     Path(channel): Path<String>,

@@ -29,6 +29,39 @@ use tower_http::{
 
 use crate::{config::HttpSettings, sse, state::AppState, ws};
 
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "relay",
+        description = "Realtime fan-out over WebSocket and SSE with durable, gapless per-channel history. \
+                       The WebSocket and SSE protocols are specified in docs/protocol.md."
+    ),
+    tags(
+        (name = "messages", description = "Publish and history"),
+        (name = "realtime", description = "WebSocket and Server-Sent Events"),
+        (name = "health", description = "Probes"),
+    )
+)]
+struct ApiDoc;
+
+/// Every documented route. Registering through `OpenApiRouter` keeps the OpenAPI document and
+/// the router one list: a route cannot exist undocumented, or be documented but missing.
+pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa::OpenApi as _;
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(ws::upgrade))
+        .routes(routes!(sse::stream))
+        .routes(routes!(messages::list_messages, messages::publish_message))
+}
+
+/// The OpenAPI document served at `/api-docs/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
+}
+
 /// Build the router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let http = state.settings.http.clone();
@@ -36,38 +69,38 @@ pub fn router(state: AppState) -> Router {
         state.clone(),
         crate::access_log::middleware::record_http,
     );
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/ws", get(ws::upgrade))
-        .route("/sse", get(sse::stream))
-        .route(
-            "/api/v1/channels/{channel}/messages",
-            get(messages::list_messages).post(messages::publish_message),
-        )
-        .merge(crate::demo::routes(&state.settings.demo))
-        .with_state(state)
-        .layer(
-            ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new([
-                    header::AUTHORIZATION,
-                    header::COOKIE,
-                    header::PROXY_AUTHORIZATION,
-                ]))
-                .layer(axum::middleware::from_fn(middleware::request_id))
-                .layer(middleware::trace_layer())
-                .layer(access_log)
-                .layer(axum::middleware::from_fn(middleware::json_errors))
-                .layer(CatchPanicLayer::custom(middleware::panic_response))
-                .option_layer(cors_layer(&http))
-                .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
-                .layer(DefaultBodyLimit::max(http.max_body_bytes))
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::REQUEST_TIMEOUT,
-                    http.request_timeout,
-                ))
-                .layer(CompressionLayer::new()),
-        )
+    let (api, openapi) = api_routes().split_for_parts();
+    let openapi = std::sync::Arc::new(openapi);
+    api.route(
+        "/api-docs/openapi.json",
+        get(move || {
+            let openapi = std::sync::Arc::clone(&openapi);
+            async move { axum::Json(openapi) }
+        }),
+    )
+    .merge(crate::demo::routes(&state.settings.demo))
+    .with_state(state)
+    .layer(
+        ServiceBuilder::new()
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+                header::COOKIE,
+                header::PROXY_AUTHORIZATION,
+            ]))
+            .layer(axum::middleware::from_fn(middleware::request_id))
+            .layer(middleware::trace_layer())
+            .layer(access_log)
+            .layer(axum::middleware::from_fn(middleware::json_errors))
+            .layer(CatchPanicLayer::custom(middleware::panic_response))
+            .option_layer(cors_layer(&http))
+            .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+            .layer(DefaultBodyLimit::max(http.max_body_bytes))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                http.request_timeout,
+            ))
+            .layer(CompressionLayer::new()),
+    )
 }
 
 fn cors_layer(http: &HttpSettings) -> Option<CorsLayer> {

@@ -8,4 +8,5 @@ mod helpers;
 mod history;
 mod lifecycle;
 mod observability;
+mod openapi;
 mod realtime;
