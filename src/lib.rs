@@ -19,6 +19,7 @@ pub mod access_log;
 pub mod app;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod history;
 pub mod http;
@@ -27,6 +28,7 @@ pub mod protocol;
 pub mod publish;
 pub mod pubsub;
 pub mod retention;
+#[cfg(feature = "sse")]
 pub mod sse;
 pub mod state;
 pub mod store;

@@ -112,7 +112,7 @@ pub async fn record_http(State(state): State<AppState>, mut req: Request, next: 
             headers
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
-                .and_then(otel::trace_id_of)
+                .and_then(crate::telemetry::trace_id_of)
                 .map(str::to_owned)
         });
     let context = AccessContext {

@@ -155,7 +155,7 @@ fn make_span(req: &Request) -> Span {
         latency_ms = tracing::field::Empty,
     );
     // Continue the caller's trace (W3C `traceparent`), and put the ids on every log line of it.
-    otel::set_parent_from(&span, &opentelemetry_http::HeaderExtractor(req.headers()));
+    otel::set_parent_from_headers(&span, req.headers());
     if let Some((trace_id, span_id)) = otel::ids(&span) {
         span.record("trace_id", trace_id);
         span.record("span_id", span_id);

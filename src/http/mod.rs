@@ -27,7 +27,7 @@ use tower_http::{
     timeout::TimeoutLayer,
 };
 
-use crate::{config::HttpSettings, sse, state::AppState, ws};
+use crate::{config::HttpSettings, state::AppState, ws};
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
@@ -49,12 +49,14 @@ struct ApiDoc;
 pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     use utoipa::OpenApi as _;
     use utoipa_axum::routes;
-    utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let routes = utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(ws::upgrade))
-        .routes(routes!(sse::stream))
-        .routes(routes!(messages::list_messages, messages::publish_message))
+        .routes(routes!(messages::list_messages, messages::publish_message));
+    #[cfg(feature = "sse")]
+    let routes = routes.routes(routes!(crate::sse::stream));
+    routes
 }
 
 /// The OpenAPI document served at `/api-docs/openapi.json`.
@@ -70,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         crate::access_log::middleware::record_http,
     );
     let (api, openapi) = api_routes().split_for_parts();
+    #[cfg(feature = "demo")]
+    let api = api.merge(crate::demo::routes(&state.settings.demo));
     let openapi = std::sync::Arc::new(openapi);
     api.route(
         "/api-docs/openapi.json",
@@ -78,7 +82,6 @@ pub fn router(state: AppState) -> Router {
             async move { axum::Json(openapi) }
         }),
     )
-    .merge(crate::demo::routes(&state.settings.demo))
     .with_state(state)
     .layer(
         ServiceBuilder::new()

@@ -369,7 +369,7 @@ impl Listener {
         // Join the publisher's trace when it sent one (only then: spans per message cost).
         let span = envelope.traceparent.as_deref().map(|traceparent| {
             let span = tracing::info_span!("fan_out", channel, id = envelope.id);
-            otel::set_parent_from(&span, &otel::TraceparentCarrier(traceparent));
+            otel::set_parent_from_traceparent(&span, traceparent);
             span
         });
         let _entered = span.as_ref().map(tracing::Span::enter);

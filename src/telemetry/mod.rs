@@ -10,6 +10,10 @@
 //! start many apps in one process and must not fight over the global default).
 
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
+#[cfg(not(feature = "otel"))]
+#[path = "otel_disabled.rs"]
 pub mod otel;
 
 use std::time::Duration;
@@ -30,36 +34,34 @@ pub enum TelemetryError {
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
 #[must_use = "dropping the guard does not flush pending spans; call shutdown"]
 pub struct Telemetry {
-    tracer_provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    exporter: Option<otel::Exporter>,
 }
 
 /// Build the subscriber (with the OTLP layer when tracing is enabled) and install it globally.
 /// Must run inside the tokio runtime (the gRPC exporter needs it).
 pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
-    let tracer_provider = otel::tracer_provider(&settings.telemetry)?;
+    let exporter = otel::exporter(&settings.telemetry)?;
     otel::install_propagator();
-    let subscriber = build_subscriber(settings, tracer_provider.as_ref());
+    let subscriber = build_subscriber(settings, exporter.as_ref());
     tracing::subscriber::set_global_default(subscriber)?;
-    if let Some(provider) = &tracer_provider {
+    if let Some(exporter) = &exporter {
         tracing::info!(endpoint = %otel::describe_endpoint(&settings.telemetry), "exporting traces over OTLP");
-        opentelemetry::global::set_tracer_provider(provider.clone());
+        exporter.install_global();
     }
-    Ok(Telemetry { tracer_provider })
+    Ok(Telemetry { exporter })
 }
 
 /// A subscriber writing to stdout in the configured format, plus the OpenTelemetry layer when a
 /// tracer provider is given.
 pub fn build_subscriber(
     settings: &Settings,
-    tracer_provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+    exporter: Option<&otel::Exporter>,
 ) -> Box<dyn Subscriber + Send + Sync> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let otel_layer = tracer_provider.map(|provider| {
-        use opentelemetry::trace::TracerProvider as _;
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("relay"))
-    });
+    let otel_layer =
+        exporter.map(|e| e.layer::<tracing_subscriber::layer::Layered<EnvFilter, Registry>>());
     let registry = Registry::default().with(filter).with(otel_layer);
     match settings.log.format {
         LogFormat::Json => Box::new(
@@ -78,10 +80,36 @@ pub fn build_subscriber(
 impl Telemetry {
     /// Export what is still buffered, within `timeout`.
     pub fn shutdown(self, timeout: Duration) {
-        if let Some(provider) = self.tracer_provider
-            && let Err(err) = provider.shutdown_with_timeout(timeout)
-        {
-            eprintln!("relay: flushing traces failed: {err}");
+        if let Some(exporter) = self.exporter {
+            exporter.shutdown(timeout);
         }
+    }
+}
+
+/// The trace id in a W3C `traceparent` value (`00-<trace-id>-<span-id>-<flags>`).
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    let valid = trace_id.len() == 32
+        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace_id.bytes().any(|b| b != b'0');
+    valid.then_some(trace_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_from_traceparent() {
+        assert_eq!(
+            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id_of("garbage"), None);
+        assert_eq!(
+            trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
     }
 }

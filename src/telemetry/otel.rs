@@ -44,10 +44,34 @@ pub fn describe_endpoint(settings: &TelemetrySettings) -> String {
         .unwrap_or_else(|| settings.otlp_endpoint.clone())
 }
 
-/// The tracer provider, or None when no endpoint is configured.
-pub fn tracer_provider(
-    settings: &TelemetrySettings,
-) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+/// A configured OTLP exporter (the SDK tracer provider with its batch processor).
+pub struct Exporter(SdkTracerProvider);
+
+impl Exporter {
+    /// The `tracing` layer that turns spans into OpenTelemetry spans for this exporter.
+    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(self.0.tracer("relay"))
+    }
+
+    /// Make this the global provider (what `opentelemetry::global` hands out).
+    pub fn install_global(&self) {
+        opentelemetry::global::set_tracer_provider(self.0.clone());
+    }
+
+    /// Export what is still buffered, within `timeout`. Blocks.
+    pub fn shutdown(self, timeout: std::time::Duration) {
+        if let Err(err) = self.0.shutdown_with_timeout(timeout) {
+            eprintln!("relay: flushing traces failed: {err}");
+        }
+    }
+}
+
+/// The exporter, or None when no endpoint is configured.
+pub fn exporter(settings: &TelemetrySettings) -> Result<Option<Exporter>, TelemetryError> {
     if !enabled(settings) {
         return Ok(None);
     }
@@ -96,7 +120,7 @@ pub fn tracer_provider(
                 .build(),
         )
         .build();
-    Ok(Some(provider))
+    Ok(Some(Exporter(provider)))
 }
 
 /// W3C trace context, globally (used by [`extract`] and [`inject_traceparent`]).
@@ -104,8 +128,17 @@ pub fn install_propagator() {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 }
 
-/// Make `span` a child of the context carried by `carrier` (HTTP headers, a Redis envelope).
-pub fn set_parent_from(span: &Span, carrier: &dyn Extractor) {
+/// Make `span` a child of the trace in these HTTP headers (`traceparent`), if any.
+pub fn set_parent_from_headers(span: &Span, headers: &axum::http::HeaderMap) {
+    set_parent_from(span, &opentelemetry_http::HeaderExtractor(headers));
+}
+
+/// Make `span` a child of a W3C `traceparent` (the Redis envelope's field).
+pub fn set_parent_from_traceparent(span: &Span, traceparent: &str) {
+    set_parent_from(span, &TraceparentCarrier(traceparent));
+}
+
+fn set_parent_from(span: &Span, carrier: &dyn Extractor) {
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
     if cx.span().span_context().is_valid() {
         // Fails only if the span is disabled; then there is nothing to link.
@@ -133,16 +166,6 @@ pub fn ids(span: &Span) -> Option<(String, String)> {
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
-/// The trace id in a W3C `traceparent` value (`00-<trace-id>-<span-id>-<flags>`).
-pub fn trace_id_of(traceparent: &str) -> Option<&str> {
-    let mut parts = traceparent.split('-');
-    let (_version, trace_id) = (parts.next()?, parts.next()?);
-    (trace_id.len() == 32
-        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
-        && trace_id != "0".repeat(32))
-    .then_some(trace_id)
-}
-
 struct Traceparent(Option<String>);
 
 impl Injector for Traceparent {
@@ -154,7 +177,7 @@ impl Injector for Traceparent {
 }
 
 /// A carrier holding only a `traceparent` (the Redis envelope's field).
-pub struct TraceparentCarrier<'a>(pub &'a str);
+struct TraceparentCarrier<'a>(&'a str);
 
 impl Extractor for TraceparentCarrier<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -163,23 +186,5 @@ impl Extractor for TraceparentCarrier<'_> {
 
     fn keys(&self) -> Vec<&str> {
         vec!["traceparent"]
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trace_ids_from_traceparent() {
-        assert_eq!(
-            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        assert_eq!(trace_id_of("garbage"), None);
-        assert_eq!(
-            trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-            None
-        );
     }
 }
