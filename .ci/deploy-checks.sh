@@ -196,19 +196,19 @@ check_policy() {
 }
 
 check_config_env() {
-  local relay="${RELAY_BIN:-}" args=() candidate
-  if [[ -z "$relay" ]]; then
+  local bin="${RELAY_BIN:-}" args=() candidate
+  if [[ -z "$bin" ]]; then
     for candidate in target/release/relay target/debug/relay; do
-      [[ -x "$candidate" ]] && { relay="$candidate"; break; }
+      [[ -x "$candidate" ]] && { bin="$candidate"; break; }
     done
   fi
-  if [[ -z "$relay" || ! -x "$relay" ]]; then
+  if [[ -z "$bin" || ! -x "$bin" ]]; then
     say "no relay binary (set RELAY_BIN or build target/debug/relay): skipped"
     return 3
   fi
-  say "using $relay"
+  say "using $bin"
   mapfile -t args < <(overlay_args)
-  "$VENV/bin/python" .ci/deploy_policy.py config-env --relay "$relay" \
+  "$VENV/bin/python" .ci/deploy_policy.py config-env --binary "$bin" \
     --config-dir "${RELAY_CONFIG_DIR:-config}" \
     --compose "$WORK/compose.json" "${args[@]}"
   say "relay accepts every APP__ variable set by docker-compose.yml and the overlays"

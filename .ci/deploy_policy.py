@@ -4,7 +4,7 @@ Used by .ci/deploy-checks.sh (run with the tools venv's Python, which has PyYAML
 
   deploy_policy.py policy --config-dir config --base base.yaml --compose compose.json \
       NAME=rendered-overlay.yaml ...
-  deploy_policy.py config-env --relay BIN --config-dir config --compose compose.json \
+  deploy_policy.py config-env --binary BIN --config-dir config --compose compose.json \
       NAME=rendered-overlay.yaml ...
 
 `policy` checks the termination arithmetic, probes, rollout strategy and secret handling of the
@@ -215,7 +215,7 @@ def cmd_config_env(args: argparse.Namespace) -> int:
         # Exactly what the image provides, plus the deployment's variables.
         full = {"PATH": "/usr/bin:/bin", "APP_ENV": "production",
                 "APP_CONFIG_DIR": str(Path(args.config_dir).resolve()), **env}
-        res = subprocess.run([args.relay, "check-config"], env=full, capture_output=True,
+        res = subprocess.run([args.binary, "check-config"], env=full, capture_output=True,
                              text=True, timeout=30, check=False)
         if res.returncode == 0:
             keys = sorted(k for k in env if k.startswith("APP__"))
@@ -237,7 +237,7 @@ def main() -> int:
     p.add_argument("overlays", nargs="+", metavar="NAME=FILE")
     p.set_defaults(func=cmd_policy)
     c = sub.add_parser("config-env")
-    c.add_argument("--relay", required=True)
+    c.add_argument("--binary", required=True)
     c.add_argument("--config-dir", required=True)
     c.add_argument("--compose", required=True)
     c.add_argument("overlays", nargs="+", metavar="NAME=FILE")
