@@ -6,4 +6,5 @@ mod health;
 mod helpers;
 mod history;
 mod lifecycle;
+mod loadgen;
 mod realtime;
