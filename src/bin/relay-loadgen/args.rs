@@ -63,8 +63,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
 
-    /// Tokio worker threads for the subscriber connections (the publisher runs on the main
-    /// thread). Keep it small: the generator shares the machine with the server.
+    /// Tokio worker threads for the subscriber connections (the publish schedule runs on the
+    /// main thread). Keep it small: the generator shares the machine with the server.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
 

@@ -124,9 +124,8 @@ impl Sequencer {
     }
 }
 
-/// Publish `args.total_messages()` messages at `args.rate`.
-pub async fn run(args: &Args, channels: &[String]) -> Result<Published, String> {
-    let total = args.total_messages();
+/// Publish `total` messages at `args.rate`.
+pub async fn run(args: &Args, channels: &[String], total: u64) -> Result<Published, String> {
     let mut out = Published {
         per_channel: vec![0; channels.len()],
         ..Published::default()

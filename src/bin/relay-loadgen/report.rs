@@ -161,7 +161,7 @@ impl Report {
         }
         if self.publish_no_receivers > 0 {
             println!(
-                "    {} PUBLISHes reached no subscriber: is --redis-prefix relay's channel_prefix?",
+                "    {} PUBLISHes reached no subscriber (wrong --redis-prefix, or every subscriber of the channel had gone)",
                 self.publish_no_receivers
             );
         }

@@ -102,7 +102,12 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     }
 
     // Publish, then drain.
-    let total = args.total_messages();
+    let total = if ok == 0 {
+        // Nobody would receive anything: report the connection failures right away.
+        0
+    } else {
+        args.total_messages()
+    };
     if total > 0 {
         eprintln!(
             "relay-loadgen: publishing {total} messages via {} at {} msg/s",
@@ -113,7 +118,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let server_cpu_before = args.pid.and_then(|pid| cpu_seconds(pid).ok());
     let own_cpu_before = CpuTime::of_self();
     let publish_started_us = now_micros();
-    let published = publisher::run(args, &channels).await?;
+    let published = publisher::run(args, &channels, total).await?;
 
     let expected_live: u64 = (0..args.channels)
         .map(|ch| published.per_channel[ch] * subscribed[ch])
