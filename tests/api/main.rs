@@ -7,6 +7,7 @@ mod health;
 mod helpers;
 mod history;
 mod lifecycle;
+mod loadgen;
 mod observability;
 mod openapi;
 mod realtime;
