@@ -143,6 +143,7 @@ async fn migrate(settings: Settings) -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> ExitCode {
+    raise_fd_limit();
     let grace = settings.shutdown.readiness_grace;
     let app = match Application::build(settings).await {
         Ok(app) => app,
@@ -172,6 +173,32 @@ async fn serve(settings: Settings) -> ExitCode {
             }
         },
         () = signals => ExitCode::FAILURE,
+    }
+}
+
+/// Every connection is a file descriptor; many systems start processes with a soft limit of
+/// 1024. Raise it to the hard limit (what the administrator allows) and say what we got.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return;
+            }
+            let before = limit.rlim_cur;
+            if limit.rlim_cur < limit.rlim_max {
+                limit.rlim_cur = limit.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    limit.rlim_cur = before;
+                }
+            }
+        }
+        tracing::info!(open_files_limit = limit.rlim_cur, "file descriptor limit");
     }
 }
 

@@ -150,7 +150,7 @@ impl Session {
             "WebSocket session started"
         );
         for sub in &initial {
-            self.subscribe(&sub.channel, sub.since).await;
+            Box::pin(self.subscribe(&sub.channel, sub.since)).await;
         }
         let end = self.event_loop(&mut socket).await;
         let code = match end {
@@ -204,10 +204,12 @@ impl Session {
         let mut batch = VecDeque::new();
         let mut last_seen = Instant::now();
         let keepalive = tokio::time::sleep(cfg.ping_interval);
-        tokio::pin!(keepalive);
+        // Created once: re-creating it per wake-up would re-register with the token each time.
+        let cancelled = lifecycle.cancelled();
+        tokio::pin!(keepalive, cancelled);
         loop {
             tokio::select! {
-                _ = lifecycle.cancelled() => return End::Close(close_code::GOING_AWAY, "server shutting down"),
+                _ = &mut cancelled => return End::Close(close_code::GOING_AWAY, "server shutting down"),
                 _ = outbox.ready() => {
                     if let Some(end) = self.flush_outbox(socket, &mut batch, cfg.write_timeout).await {
                         return end;
@@ -225,7 +227,9 @@ impl Session {
                         Some(Ok(Message::Text(text))) => {
                             self.traffic.frames_in += 1;
                             self.traffic.bytes_in += text.len() as u64;
-                            self.on_text(&text).await
+                            // Boxed: frame handling (publish, subscribe) needs large futures
+                            // that would otherwise bloat every idle connection's task.
+                            Box::pin(self.on_text(&text)).await
                         }
                         Some(Ok(Message::Binary(_))) => self.bad_frame(ServerFrame::error(
                             "unsupported_binary",
@@ -276,7 +280,9 @@ impl Session {
                         self.traffic.count_out(&frame);
                         feed(socket, frame, write_timeout).await
                     }
-                    Outgoing::Replay(replay) => self.replay(socket, &replay, write_timeout).await,
+                    Outgoing::Replay(replay) => {
+                        Box::pin(self.replay(socket, &replay, write_timeout)).await
+                    }
                 };
                 if let Err(end) = written {
                     return Some(end);
