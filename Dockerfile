@@ -49,8 +49,8 @@ ENV APP_ENV=production \
     APP_CONFIG_DIR=/app/config
 # 65532 = "nonroot" in distroless; numeric so Kubernetes runAsNonRoot can verify it.
 USER 65532:65532
-# 8080: public API (HTTP, /healthz, /readyz, /ws, /sse).
-EXPOSE 8080
+# 8080: public API (HTTP, /healthz, /readyz, /ws, /sse, /api/v1). 9090: admin (/metrics).
+EXPOSE 8080 9090
 # GETs /readyz on server.port; no shell or curl needed in the image.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=40s --retries=3 \
     CMD ["/usr/local/bin/relay", "healthcheck"]
