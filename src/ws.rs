@@ -90,10 +90,15 @@ pub async fn upgrade(
         .max_message_size(cfg.max_message_bytes)
         .max_frame_size(cfg.max_message_bytes);
     let access = access.map(|Extension(access)| access);
-    Ok(ws.on_upgrade(move |socket| async move {
-        let session = Session::new(state, request_id, access);
-        session.run(socket, channels).await;
-        drop(task);
+    // axum stores the returned future inside its own upgrade task, next to its upgrade state;
+    // boxing it keeps that task small (see docs/performance.md, memory per connection).
+    Ok(ws.on_upgrade(move |socket| {
+        Box::pin(async move {
+            Session::new(state, request_id, access)
+                .run(socket, channels)
+                .await;
+            drop(task);
+        })
     }))
 }
 
