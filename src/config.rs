@@ -189,6 +189,10 @@ pub struct WsSettings {
     pub write_timeout: Duration,
     /// Socket read chunk size; small keeps idle connections cheap.
     pub read_buffer_bytes: usize,
+    /// Write coalescing: after the first frame arrives, wait this long for more before writing,
+    /// so several frames share one syscall. Zero (the default) writes at once.
+    #[serde(with = "humantime_serde")]
+    pub coalesce_delay: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -430,6 +434,12 @@ impl Settings {
             ));
         }
         positive("ws.write_timeout", self.ws.write_timeout)?;
+        if self.ws.coalesce_delay > Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "ws.coalesce_delay",
+                "must be at most 100ms",
+            ));
+        }
         if self.ws.read_buffer_bytes < 256 {
             return Err(ConfigError::invalid(
                 "ws.read_buffer_bytes",

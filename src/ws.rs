@@ -216,6 +216,10 @@ impl Session {
             tokio::select! {
                 _ = &mut cancelled => return End::Close(close_code::GOING_AWAY, "server shutting down"),
                 _ = outbox.ready() => {
+                    if !cfg.coalesce_delay.is_zero() {
+                        // Boxed so connections without coalescing do not carry the timer.
+                        Box::pin(tokio::time::sleep(cfg.coalesce_delay)).await;
+                    }
                     if let Some(end) = self.flush_outbox(socket, &mut batch, cfg.write_timeout).await {
                         return end;
                     }
