@@ -220,7 +220,10 @@ impl Session {
                         // Boxed so connections without coalescing do not carry the timer.
                         Box::pin(tokio::time::sleep(cfg.coalesce_delay)).await;
                     }
-                    if let Some(end) = self.flush_outbox(socket, &mut batch, cfg.write_timeout).await {
+                    // Boxed (one small allocation per wake-up) so the write path's timers and
+                    // futures are not part of every idle connection's task.
+                    let flushed = Box::pin(self.flush_outbox(socket, &mut batch, cfg.write_timeout)).await;
+                    if let Some(end) = flushed {
                         return end;
                     }
                 }
@@ -257,7 +260,7 @@ impl Session {
                     if last_seen.elapsed() >= cfg.idle_timeout {
                         return End::Close(close_code::IDLE_TIMEOUT, "idle timeout");
                     }
-                    let ping = tokio::time::timeout(cfg.write_timeout, socket.send(Message::Ping(Default::default())));
+                    let ping = Box::pin(tokio::time::timeout(cfg.write_timeout, socket.send(Message::Ping(Default::default()))));
                     match ping.await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return End::Gone,
