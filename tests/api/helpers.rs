@@ -401,7 +401,7 @@ impl WsClient {
 
 /// A private `redis-server` on a fixed port, so the test can kill and restart it.
 pub struct OwnRedis {
-    port: u16,
+    pub port: u16,
     child: std::process::Child,
 }
 
@@ -426,6 +426,26 @@ impl OwnRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A private Redis on a free port and an app using it, with fast reconnects, so a test can
+    /// kill Redis and restart it on the same port.
+    pub async fn spawn_app_on_own_redis() -> (TestApp, OwnRedis) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let redis = OwnRedis::start(port);
+        redis.wait_up().await;
+        let url = redis.url();
+        let app = spawn_app_with(|s| {
+            s.redis.url = SecretUrl::new(url);
+            s.redis.reconnect_min_delay = Duration::from_millis(50);
+            s.redis.reconnect_max_delay = Duration::from_millis(300);
+            s.redis.command_timeout = Duration::from_millis(500);
+        })
+        .await;
+        (app, redis)
     }
 
     pub async fn wait_up(&self) {

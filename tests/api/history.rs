@@ -345,21 +345,8 @@ async fn sse_resumes_from_last_event_id() {
 
 #[tokio::test]
 async fn subscribers_get_every_message_committed_during_a_redis_outage() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let redis = OwnRedis::start(port);
-    redis.wait_up().await;
-    let url = redis.url();
-    let app = spawn_app_with(|s| {
-        s.redis.url = relay::config::SecretUrl::new(url);
-        s.redis.reconnect_min_delay = Duration::from_millis(50);
-        s.redis.reconnect_max_delay = Duration::from_millis(300);
-        s.redis.command_timeout = Duration::from_millis(500);
-    })
-    .await;
+    let (app, redis) = OwnRedis::spawn_app_on_own_redis().await;
+    let port = redis.port;
     let mut ws = app.subscribed_ws(&["outage"]).await;
     for i in 1..=5 {
         app.publish("outage", json!(i)).await;

@@ -298,20 +298,8 @@ async fn sse_rejects_bad_channel_lists() {
 
 #[tokio::test]
 async fn clients_stay_connected_through_a_redis_restart() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let redis = OwnRedis::start(port);
-    redis.wait_up().await;
-    let url = redis.url();
-    let app = spawn_app_with(|s| {
-        s.redis.url = relay::config::SecretUrl::new(url);
-        s.redis.reconnect_min_delay = Duration::from_millis(50);
-        s.redis.reconnect_max_delay = Duration::from_millis(500);
-    })
-    .await;
+    let (app, redis) = OwnRedis::spawn_app_on_own_redis().await;
+    let port = redis.port;
     let prefix = app.settings.redis.channel_prefix.clone();
     let mut sub = app.subscribed_ws(&["survivor"]).await;
     let mut publisher = app.connect_ws("").await;
