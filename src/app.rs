@@ -18,9 +18,24 @@ use crate::{
     pubsub::{HistorySource, PubSub, PubSubError},
     retention,
     state::AppState,
-    store::{self, StoreError},
+    store::{self, MessageStore, StoreError},
     telemetry,
 };
+
+/// Postgres (connected with retries, migrated if configured), or memory when `database.url` is
+/// empty.
+async fn open_store(settings: &Settings) -> Result<MessageStore, StartupError> {
+    if settings.database.url.is_empty() {
+        let log = store::memory::MemoryLog::new(settings.history.max_per_channel);
+        return Ok(MessageStore::Memory(Arc::new(log)));
+    }
+    let db = store::connect(&settings.database).await?;
+    if settings.database.migrate_on_start {
+        store::migrate(&db).await?;
+        tracing::info!("migrations applied");
+    }
+    Ok(MessageStore::Postgres(db))
+}
 
 /// Bind before serving, so port 0 works and the real address is known.
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
@@ -63,22 +78,25 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
         let lifecycle = Lifecycle::new();
-        let db = store::connect(&settings.database).await?;
-        if settings.database.migrate_on_start {
-            store::migrate(&db).await?;
-            tracing::info!("migrations applied");
-        }
+        let store = open_store(&settings).await?;
         let history = HistorySource {
-            db: db.clone(),
+            store: store.clone(),
             settings: settings.history.clone(),
             timeout: settings.database.acquire_timeout,
         };
         let pubsub = PubSub::start(&settings.redis, history, &lifecycle)?;
         lifecycle.spawn(
             "history_retention",
-            retention::run(db.clone(), settings.history.clone(), lifecycle.clone()),
+            retention::run(store.clone(), settings.history.clone(), lifecycle.clone()),
         );
-        let access_log = AccessLog::start(&settings.access_log, &db, &lifecycle);
+        if settings.is_embedded() {
+            tracing::warn!(
+                history = store.backend(),
+                broker = pubsub.backend(),
+                "embedded mode: single replica only, history not durable"
+            );
+        }
+        let access_log = AccessLog::start(&settings.access_log, store.pool(), &lifecycle);
         let metrics = telemetry::metrics::install();
         let (listener, local_addr) =
             bind(SocketAddr::new(settings.server.host, settings.server.port)).await?;
@@ -89,7 +107,7 @@ impl Application {
         .await?;
         let state = AppState {
             settings,
-            db,
+            store,
             pubsub,
             lifecycle,
             access_log,
@@ -182,12 +200,12 @@ impl Application {
             .await;
         // Every request and session is done: the last access-log handles go with the state, which
         // lets the writer drain its queue and stop.
-        let db = state.db.clone();
+        let store = state.store.clone();
         drop(server);
         drop(state);
         let flushed = lifecycle.flush(flush_timeout).await;
         // Connections still checked out at the deadline must not hold up the exit.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), db.close()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), store.close()).await;
         tracing::info!(
             clean = requests_done && tasks_done && flushed,
             "shutdown complete"

@@ -124,6 +124,12 @@ fn check_config(settings: &Settings) -> ExitCode {
 }
 
 async fn migrate(settings: Settings) -> ExitCode {
+    if settings.database.url.is_empty() {
+        tracing::error!(
+            "database.url is empty (embedded mode keeps history in memory): nothing to migrate"
+        );
+        return ExitCode::FAILURE;
+    }
     let result = async {
         let pool = store::connect(&settings.database).await?;
         store::migrate(&pool).await?;

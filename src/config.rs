@@ -88,6 +88,9 @@ pub struct ServerSettings {
     pub port: u16,
     /// Port for operators only (`/metrics`), kept off the public API; 0 picks a free port.
     pub admin_port: u16,
+    /// Allow embedded mode (an empty `database.url` or `redis.url`): one replica, history in
+    /// memory. Production sets false, so a missing URL fails fast instead.
+    pub allow_embedded: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -305,6 +308,11 @@ pub struct DemoSettings {
 }
 
 impl Settings {
+    /// Whether either backend is the in-process one.
+    pub fn is_embedded(&self) -> bool {
+        self.database.url.is_empty() || self.redis.url.is_empty()
+    }
+
     /// Load from the files and variables described by `opts`, then validate.
     pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
         let mut env_vars: config::Map<String, String> = opts
@@ -357,12 +365,37 @@ impl Settings {
 
     /// Checks that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.database
-            .url
-            .check_scheme("database.url", &["postgres", "postgresql"])?;
-        self.redis
-            .url
-            .check_scheme("redis.url", &["redis", "rediss", "redis+unix", "unix"])?;
+        // An empty URL selects the embedded backend (in-process history / broker).
+        if !self.database.url.is_empty() {
+            self.database
+                .url
+                .check_scheme("database.url", &["postgres", "postgresql"])?;
+        }
+        if !self.redis.url.is_empty() {
+            self.redis
+                .url
+                .check_scheme("redis.url", &["redis", "rediss", "redis+unix", "unix"])?;
+        }
+        if self.is_embedded() && !self.server.allow_embedded {
+            let key = if self.database.url.is_empty() {
+                "database.url"
+            } else {
+                "redis.url"
+            };
+            return Err(ConfigError::invalid(
+                key,
+                "is empty, which means embedded mode (single replica, history not durable); \
+                 set the URL, or server.allow_embedded = true to accept that",
+            ));
+        }
+        if self.database.url.is_empty()
+            && self.access_log.sinks.contains(&AccessLogSinkKind::Postgres)
+        {
+            return Err(ConfigError::invalid(
+                "access_log.sinks",
+                "the postgres sink needs database.url (it is empty: embedded mode)",
+            ));
+        }
         if self.database.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "database.max_connections",
@@ -540,8 +573,16 @@ impl SecretUrl {
         self.0.expose_secret()
     }
 
+    /// An empty URL: the embedded backend instead of a server.
+    pub fn is_empty(&self) -> bool {
+        self.expose().trim().is_empty()
+    }
+
     /// The URL with any password replaced by `***`.
     pub fn redacted(&self) -> String {
+        if self.is_empty() {
+            return String::new();
+        }
         match url::Url::parse(self.expose()) {
             Ok(mut url) => {
                 if url.password().is_some() {

@@ -5,12 +5,10 @@
 //! messages `(since, upto]` page by page, before anything queued after the marker, so the client
 //! sees history then live with no gap and no duplicate.
 
-use sqlx::PgPool;
-
 use crate::{
     protocol::ServerFrame,
     pubsub::outbox::Replay,
-    store::{self, StoreError},
+    store::{MessageStore, StoreError},
 };
 
 /// Messages read per page while replaying.
@@ -18,7 +16,7 @@ const REPLAY_PAGE: i64 = 500;
 
 /// Reads the rest of a replay page by page.
 pub struct ReplayCursor {
-    db: PgPool,
+    store: MessageStore,
     channel: Box<str>,
     after: i64,
     upto: i64,
@@ -27,7 +25,7 @@ pub struct ReplayCursor {
 /// Begin a replay: the frames to send first (`subscribed`, or an error and `subscribed` when
 /// history cannot be read) and, if there is history to send, the cursor over it.
 pub async fn start_replay(
-    db: &PgPool,
+    store: &MessageStore,
     replay: &Replay,
 ) -> (Vec<ServerFrame>, Option<ReplayCursor>) {
     let Replay {
@@ -35,7 +33,7 @@ pub async fn start_replay(
         since,
         upto,
     } = replay;
-    match store::messages::position(db, channel).await {
+    match store.position(channel).await {
         Ok(position) => {
             // Complete when nothing after `since` was pruned and `since` is not in the future.
             let recovered = *since + 1 >= position.oldest_offset && since <= upto;
@@ -46,7 +44,7 @@ pub async fn start_replay(
                 position.oldest_offset,
             );
             let cursor = (since < upto).then(|| ReplayCursor {
-                db: db.clone(),
+                store: store.clone(),
                 channel: channel.clone(),
                 after: *since,
                 upto: *upto,
@@ -73,14 +71,10 @@ impl ReplayCursor {
         if self.after >= self.upto {
             return Ok(None);
         }
-        let rows = store::messages::read_range(
-            &self.db,
-            &self.channel,
-            self.after,
-            self.upto,
-            REPLAY_PAGE,
-        )
-        .await?;
+        let rows = self
+            .store
+            .read_range(&self.channel, self.after, self.upto, REPLAY_PAGE)
+            .await?;
         let Some(last) = rows.last() else {
             self.after = self.upto;
             return Ok(None);

@@ -10,10 +10,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
-use crate::{
-    state::AppState,
-    store::{self, StoreError},
-};
+use crate::{state::AppState, store::StoreError};
 
 /// What the publisher learns: the message's offset and commit time.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -31,7 +28,7 @@ pub async fn publish(
     // The span's context travels in the Redis envelope: deliveries on every replica join it.
     let span = tracing::info_span!("publish", channel, id = tracing::field::Empty);
     async {
-        let (id, created_at) = store::messages::append(&state.db, channel, data).await?;
+        let (id, created_at) = state.store.append(channel, data).await?;
         tracing::Span::current().record("id", id);
         state.pubsub.publish_committed(channel, data, id).await;
         Ok(Published {

@@ -7,12 +7,16 @@
 
 use std::time::Duration;
 
-use crate::{config::HistorySettings, lifecycle::Lifecycle, store};
+use crate::{
+    config::HistorySettings,
+    lifecycle::Lifecycle,
+    store::{MessageStore, StoreError},
+};
 
 /// Pause between batches, so a large backlog is worked off without hogging the database.
 const BATCH_PAUSE: Duration = Duration::from_millis(20);
 
-pub async fn run(db: sqlx::PgPool, settings: HistorySettings, lifecycle: Lifecycle) {
+pub async fn run(store: MessageStore, settings: HistorySettings, lifecycle: Lifecycle) {
     let mut interval = tokio::time::interval(settings.prune_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -20,7 +24,7 @@ pub async fn run(db: sqlx::PgPool, settings: HistorySettings, lifecycle: Lifecyc
             _ = lifecycle.cancelled() => return,
             _ = interval.tick() => {}
         }
-        match prune_once(&db, &settings, &lifecycle).await {
+        match prune_once(&store, &settings, &lifecycle).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "pruned message history"),
             Err(err) => tracing::warn!(%err, "history pruning failed; retrying next interval"),
@@ -30,10 +34,10 @@ pub async fn run(db: sqlx::PgPool, settings: HistorySettings, lifecycle: Lifecyc
 
 /// One full pruning pass. Returns the number of rows deleted.
 pub async fn prune_once(
-    db: &sqlx::PgPool,
+    store: &MessageStore,
     settings: &HistorySettings,
     lifecycle: &Lifecycle,
-) -> Result<u64, store::StoreError> {
+) -> Result<u64, StoreError> {
     let mut total = 0;
     for by_age in [true, false] {
         loop {
@@ -41,14 +45,13 @@ pub async fn prune_once(
                 return Ok(total);
             }
             let deleted = if by_age {
-                store::messages::prune_older_than(db, settings.ttl, settings.prune_batch).await?
+                store
+                    .prune_older_than(settings.ttl, settings.prune_batch)
+                    .await?
             } else {
-                store::messages::prune_beyond_count(
-                    db,
-                    settings.max_per_channel,
-                    settings.prune_batch,
-                )
-                .await?
+                store
+                    .prune_beyond_count(settings.max_per_channel, settings.prune_batch)
+                    .await?
             };
             total += deleted;
             metrics::counter!("relay_history_pruned_total").increment(deleted);

@@ -79,7 +79,7 @@ pub async fn stream(
     let mut session = SseSession {
         pubsub: state.pubsub.clone(),
         lifecycle: state.lifecycle.clone(),
-        db: state.db.clone(),
+        store: state.store.clone(),
         outbox: Arc::new(SessionOutbox::new(state.settings.ws.outbox_capacity)),
         channels: Vec::with_capacity(subs.len()),
         queued: VecDeque::new(),
@@ -109,7 +109,7 @@ pub async fn stream(
 struct SseSession {
     pubsub: PubSub,
     lifecycle: Lifecycle,
-    db: sqlx::PgPool,
+    store: crate::store::MessageStore,
     outbox: Arc<SessionOutbox>,
     channels: Vec<Box<str>>,
     /// Drained from the outbox, not yet turned into events.
@@ -140,7 +140,7 @@ impl SseSession {
             match self.queued.pop_front() {
                 Some(Outgoing::Frame(frame)) => return Some(to_event(&frame)),
                 Some(Outgoing::Replay(replay)) => {
-                    let (first, cursor) = history::start_replay(&self.db, &replay).await;
+                    let (first, cursor) = history::start_replay(&self.store, &replay).await;
                     self.ready.extend(first);
                     self.replay = cursor;
                     continue;

@@ -5,14 +5,16 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-
-use crate::{access_log::AccessLog, config::Settings, lifecycle::Lifecycle, pubsub::PubSub};
+use crate::{
+    access_log::AccessLog, config::Settings, lifecycle::Lifecycle, pubsub::PubSub,
+    store::MessageStore,
+};
 
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
-    pub db: PgPool,
+    /// Message history: Postgres, or memory in embedded mode.
+    pub store: MessageStore,
     pub pubsub: PubSub,
     pub lifecycle: Lifecycle,
     pub access_log: AccessLog,

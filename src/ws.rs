@@ -314,7 +314,7 @@ impl Session {
         replay: &crate::pubsub::outbox::Replay,
         write_timeout: Duration,
     ) -> Result<(), End> {
-        let (first, cursor) = history::start_replay(&self.state.db, replay).await;
+        let (first, cursor) = history::start_replay(&self.state.store, replay).await;
         for frame in first {
             self.traffic.count_out(&frame);
             feed(socket, frame, write_timeout).await?;

@@ -87,7 +87,11 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Start the writer and sink tasks on the lifecycle's flush phase.
-    pub fn start(settings: &AccessLogSettings, db: &sqlx::PgPool, lifecycle: &Lifecycle) -> Self {
+    pub fn start(
+        settings: &AccessLogSettings,
+        db: Option<&sqlx::PgPool>,
+        lifecycle: &Lifecycle,
+    ) -> Self {
         let trusted_proxies: Arc<[ipnet::IpNet]> = settings.trusted_networks().into();
         if settings.sinks.is_empty() {
             return Self {

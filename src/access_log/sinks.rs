@@ -24,8 +24,14 @@ pub enum Sink {
 }
 
 impl Sink {
-    pub fn new(kind: AccessLogSinkKind, settings: &AccessLogSettings, db: &sqlx::PgPool) -> Self {
-        match kind {
+    /// None for the `postgres` sink without a database (embedded mode; config validation
+    /// rejects that combination, so this only guards library use).
+    pub fn new(
+        kind: AccessLogSinkKind,
+        settings: &AccessLogSettings,
+        db: Option<&sqlx::PgPool>,
+    ) -> Option<Self> {
+        Some(match kind {
             AccessLogSinkKind::Stdout => Self::Stdout,
             AccessLogSinkKind::File => Self::File(FileSink {
                 path: settings.file_path.clone(),
@@ -34,8 +40,8 @@ impl Sink {
                 file: None,
                 size: 0,
             }),
-            AccessLogSinkKind::Postgres => Self::Postgres(db.clone()),
-        }
+            AccessLogSinkKind::Postgres => Self::Postgres(db?.clone()),
+        })
     }
 
     pub fn name(&self) -> &'static str {

@@ -24,13 +24,16 @@ const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 pub(super) fn start(
     settings: &AccessLogSettings,
-    db: &sqlx::PgPool,
+    db: Option<&sqlx::PgPool>,
     lifecycle: &Lifecycle,
     queue: mpsc::Receiver<Entry>,
 ) {
     let mut inboxes = Vec::new();
     for kind in &settings.sinks {
-        let sink = Sink::new(*kind, settings, db);
+        let Some(sink) = Sink::new(*kind, settings, db) else {
+            tracing::warn!(sink = ?kind, "access-log sink needs Postgres; skipped");
+            continue;
+        };
         let (tx, rx) = mpsc::channel(SINK_INBOX);
         inboxes.push((sink.name(), tx));
         lifecycle.spawn_flusher("access_log_sink", run_sink(sink, rx));

@@ -17,11 +17,12 @@ pub fn router(state: AppState, metrics: PrometheusHandle) -> Router {
 
 async fn render(State((state, metrics)): State<(AppState, PrometheusHandle)>) -> impl IntoResponse {
     // Gauges that are cheaper to read at scrape time than to maintain.
-    let pool = &state.db;
-    let idle = pool.num_idle() as f64;
-    metrics::gauge!("relay_db_pool_connections", "state" => "idle").set(idle);
-    metrics::gauge!("relay_db_pool_connections", "state" => "in_use")
-        .set(f64::from(pool.size()) - idle);
+    if let Some(pool) = state.store.pool() {
+        let idle = pool.num_idle() as f64;
+        metrics::gauge!("relay_db_pool_connections", "state" => "idle").set(idle);
+        metrics::gauge!("relay_db_pool_connections", "state" => "in_use")
+            .set(f64::from(pool.size()) - idle);
+    }
     (
         [(
             header::CONTENT_TYPE,

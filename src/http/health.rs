@@ -59,27 +59,41 @@ async fn check<E: std::fmt::Display>(
 )]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let budget = state.settings.health.check_timeout;
-    let postgres = check(budget, async {
-        sqlx::query("SELECT 1").execute(&state.db).await.map(|_| ())
-    });
-    let redis = check(budget, state.pubsub.ping());
-    let (postgres, redis) = tokio::join!(postgres, redis);
+    let history = check(budget, state.store.ping());
+    let broker = check(budget, state.pubsub.ping());
+    let (history, broker) = tokio::join!(history, broker);
     let listener_ok = state.pubsub.is_listening();
     let draining = state.lifecycle.is_draining();
-    let ready = postgres.error.is_none() && redis.error.is_none() && listener_ok && !draining;
+    let ready = history.error.is_none() && broker.error.is_none() && listener_ok && !draining;
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Checks are named after the backend in use: `postgres`/`redis`, or in embedded mode
+    // `memory_history`/`memory_broker`.
+    let history_backend = state.store.backend();
+    let broker_backend = state.pubsub.backend();
+    let name = |role: &str, backend: &str| {
+        if backend == "memory" {
+            format!("memory_{role}")
+        } else {
+            backend.to_owned()
+        }
+    };
+    let mut checks = serde_json::Map::new();
+    checks.insert(name("history", history_backend), json!(history));
+    checks.insert(name("broker", broker_backend), json!(broker));
+    checks.insert(
+        "pubsub_listener".to_owned(),
+        json!({ "status": if listener_ok { "ok" } else { "fail" } }),
+    );
     let body = json!({
         "status": if ready { "ok" } else { "unavailable" },
         "shutting_down": draining,
-        "checks": {
-            "postgres": postgres,
-            "redis": redis,
-            "pubsub_listener": { "status": if listener_ok { "ok" } else { "fail" } },
-        },
+        "embedded": history_backend == "memory" || broker_backend == "memory",
+        "backends": { "history": history_backend, "broker": broker_backend },
+        "checks": checks,
     });
     (status, Json(body))
 }

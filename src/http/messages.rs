@@ -20,7 +20,7 @@ use crate::{
     protocol::validate_channel,
     publish::{self, Published},
     state::AppState,
-    store::{self, StoreError},
+    store::StoreError,
 };
 
 impl From<StoreError> for ApiError {
@@ -140,8 +140,8 @@ pub async fn list_messages(
             "`since` must be a non-negative offset".to_owned(),
         ));
     }
-    let position = store::messages::position(&state.db, channel).await?;
-    let mut rows = store::messages::read_since(&state.db, channel, since, limit + 1).await?;
+    let position = state.store.position(channel).await?;
+    let mut rows = state.store.read_since(channel, since, limit + 1).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_since = rows.last().map_or(since, |m| m.offset);

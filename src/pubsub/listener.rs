@@ -22,21 +22,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::{HistorySettings, RedisSettings},
     lifecycle::Lifecycle,
     protocol::{Envelope, ServerFrame},
-    store::{self, messages::StoredMessage},
+    store::messages::StoredMessage,
     telemetry::otel,
 };
 
 use super::{
     PubSubError,
+    broker::{Incoming, Sink, Source, Stream},
     outbox::{Outgoing, Replay, SessionOutbox},
     registry::{ChannelRegistry, FanOut},
     sequencer::Sequencer,
@@ -85,21 +83,21 @@ impl ListenerStatus {
 /// What the listener reads history from.
 #[derive(Clone)]
 pub struct HistorySource {
-    pub db: PgPool,
+    pub store: crate::store::MessageStore,
     pub settings: HistorySettings,
     /// Upper bound for one Postgres read.
     pub timeout: Duration,
 }
 
 pub struct Listener {
-    client: redis::Client,
+    source: Source,
     settings: RedisSettings,
     history: HistorySource,
     registry: ChannelRegistry,
     commands: mpsc::Receiver<Command>,
     status: Arc<ListenerStatus>,
     lifecycle: Lifecycle,
-    sink: Option<PubSubSink>,
+    sink: Option<Sink>,
     /// Channels left without subscribers by fan-out pruning, to UNSUBSCRIBE.
     orphaned: Vec<Box<str>>,
     invalid_payloads: RateLimitedWarning,
@@ -107,7 +105,7 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(
-        client: redis::Client,
+        source: Source,
         settings: RedisSettings,
         history: HistorySource,
         commands: mpsc::Receiver<Command>,
@@ -115,7 +113,7 @@ impl Listener {
         lifecycle: Lifecycle,
     ) -> Self {
         Self {
-            client,
+            source,
             settings,
             history,
             registry: ChannelRegistry::new(),
@@ -129,7 +127,7 @@ impl Listener {
     }
 
     pub async fn run(mut self) {
-        let mut stream: Option<PubSubStream> = None;
+        let mut stream: Option<Stream> = None;
         let mut backoff = Backoff::new(
             self.settings.reconnect_min_delay,
             self.settings.reconnect_max_delay,
@@ -146,7 +144,7 @@ impl Listener {
                     None => break,
                 },
                 msg = next_message(&mut stream), if connected => match msg {
-                    Some(msg) => self.on_message(&msg),
+                    Some(msg) => self.on_message(msg.channel(), msg.payload()),
                     None => {
                         tracing::warn!("Redis pub/sub connection lost; reconnecting");
                         self.sink = None;
@@ -193,14 +191,11 @@ impl Listener {
     }
 
     /// Connect and resubscribe every channel that has local subscribers.
-    async fn connect(&mut self) -> Result<PubSubStream, PubSubError> {
-        let pubsub = tokio::time::timeout(
-            self.settings.connect_timeout,
-            self.client.get_async_pubsub(),
-        )
-        .await
-        .map_err(|_| PubSubError::Timeout)??;
-        let (mut sink, stream) = pubsub.split();
+    async fn connect(&mut self) -> Result<Stream, PubSubError> {
+        let (mut sink, stream) =
+            tokio::time::timeout(self.settings.connect_timeout, self.source.connect())
+                .await
+                .map_err(|_| PubSubError::Timeout)??;
         let channels: Vec<String> = self
             .registry
             .channels()
@@ -289,14 +284,17 @@ impl Listener {
             let Some(mut sink) = self.sink.clone() else {
                 return Err(PubSubError::Disconnected);
             };
-            if let Err(err) = self.with_timeout(sink.subscribe(&redis_channel)).await {
+            if let Err(err) = self
+                .with_timeout(sink.subscribe(std::slice::from_ref(&redis_channel)))
+                .await
+            {
                 // The connection is in an unknown state; start over.
                 self.sink = None;
                 return Err(err);
             }
             // Read the head only now that Redis delivers: anything committed later arrives
             // live, anything earlier is history. Either way nothing falls in between.
-            let position = store::messages::position(&self.history.db, channel);
+            let position = self.history.store.position(channel);
             let last = match tokio::time::timeout(self.history.timeout, position).await {
                 Ok(Ok(position)) => position.last_offset,
                 Ok(Err(err)) => {
@@ -339,17 +337,14 @@ impl Listener {
         }
     }
 
-    fn on_message(&mut self, msg: &redis::Msg) {
-        let Some(channel) = msg
-            .get_channel_name()
-            .strip_prefix(&*self.settings.channel_prefix)
-        else {
+    fn on_message(&mut self, full_channel: &str, payload: &[u8]) {
+        let Some(channel) = full_channel.strip_prefix(&*self.settings.channel_prefix) else {
             return;
         };
         if !self.registry.has_subscribers(channel) {
             return; // Arrived right after the last local subscriber left.
         }
-        let envelope = match Envelope::parse(msg.get_payload_bytes()) {
+        let envelope = match Envelope::parse(payload) {
             Ok(envelope) => envelope,
             Err(err) => {
                 metrics::counter!("relay_redis_invalid_payloads_total").increment(1);
@@ -409,8 +404,10 @@ impl Listener {
         after: i64,
         upto: i64,
     ) -> Result<Vec<StoredMessage>, PubSubError> {
-        let read =
-            store::messages::read_range(&self.history.db, channel, after, upto, CATCH_UP_PAGE);
+        let read = self
+            .history
+            .store
+            .read_range(channel, after, upto, CATCH_UP_PAGE);
         match tokio::time::timeout(self.history.timeout, read).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(err)) => Err(PubSubError::History(err.to_string())),
@@ -525,7 +522,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-async fn next_message(stream: &mut Option<PubSubStream>) -> Option<redis::Msg> {
+async fn next_message(stream: &mut Option<Stream>) -> Option<Incoming> {
     match stream {
         Some(stream) => stream.next().await,
         None => std::future::pending().await,

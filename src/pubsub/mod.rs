@@ -6,6 +6,7 @@
 //! * [`PubSub`]: the handle sessions and handlers use — subscribe, unsubscribe, publish — kept in
 //!   the app state. Publishing uses a separate multiplexed connection, created once and shared.
 
+pub mod broker;
 pub mod listener;
 pub mod outbox;
 pub mod registry;
@@ -13,7 +14,7 @@ pub mod sequencer;
 
 use std::sync::Arc;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
@@ -63,7 +64,7 @@ pub struct PubSub {
     commands: mpsc::Sender<Command>,
     republish: mpsc::Sender<Republish>,
     status: Arc<ListenerStatus>,
-    publisher: ConnectionManager,
+    publisher: broker::Publisher,
     prefix: Arc<str>,
     command_timeout: std::time::Duration,
     lifecycle: Lifecycle,
@@ -77,8 +78,8 @@ impl PubSub {
         history: HistorySource,
         lifecycle: &Lifecycle,
     ) -> Result<Self, PubSubError> {
-        let client = redis::Client::open(settings.url.expose())?;
-        let publisher = client.get_connection_manager_lazy(
+        let (publisher, source) = broker::open(
+            settings.url.expose(),
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
                 .set_response_timeout(Some(settings.command_timeout))
@@ -88,7 +89,7 @@ impl PubSub {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let status = Arc::new(ListenerStatus::default());
         let listener = Listener::new(
-            client,
+            source,
             settings.clone(),
             history,
             rx,
@@ -194,11 +195,8 @@ impl PubSub {
             ts: Some(chrono::Utc::now().timestamp_micros()),
         }
         .encode();
-        let mut conn = self.publisher.clone();
         let redis_channel = format!("{}{}", self.prefix, channel);
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(redis_channel).arg(payload);
-        let publish = cmd.query_async::<i64>(&mut conn);
+        let publish = self.publisher.publish(redis_channel, payload);
         tokio::time::timeout(self.command_timeout, publish)
             .await
             .map_err(|_| PubSubError::Timeout)??;
@@ -249,15 +247,16 @@ impl PubSub {
         }
     }
 
-    /// Round trip to Redis on the shared connection (readiness).
+    /// Round trip to the broker on the shared connection (readiness).
     pub async fn ping(&self) -> Result<(), PubSubError> {
-        let mut conn = self.publisher.clone();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
-        tokio::time::timeout(self.command_timeout, ping)
+        tokio::time::timeout(self.command_timeout, self.publisher.ping())
             .await
-            .map_err(|_| PubSubError::Timeout)??;
-        Ok(())
+            .map_err(|_| PubSubError::Timeout)?
+    }
+
+    /// `"redis"` or `"memory"` (embedded mode).
+    pub fn backend(&self) -> &'static str {
+        self.publisher.backend()
     }
 
     /// Whether the listener currently holds a live pub/sub connection.

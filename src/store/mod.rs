@@ -1,8 +1,11 @@
-//! Postgres access: the connection pool, migrations, and every SQL query the service runs.
+//! Message storage: the one seam between relay and where history lives.
 //!
-//! Handlers and tasks never write SQL themselves; they call functions here. The pool is created
-//! once at startup ([`connect`]) and shared through the app state.
+//! [`MessageStore`] is either Postgres (the pool, migrations and every SQL query the service
+//! runs, in [`messages`]) or, in embedded mode, an in-process [`memory::MemoryLog`] with the same
+//! contract. Handlers and tasks never write SQL themselves; they call [`MessageStore`]. The store is
+//! created once at startup and shared through the app state.
 
+pub mod memory;
 pub mod messages;
 
 use std::time::{Duration, Instant};
@@ -31,6 +34,110 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// Where messages are stored; cheap to clone.
+#[derive(Clone, Debug)]
+pub enum MessageStore {
+    Postgres(PgPool),
+    /// Embedded mode: this process only, lost on restart.
+    Memory(std::sync::Arc<memory::MemoryLog>),
+}
+
+impl MessageStore {
+    /// `"postgres"` or `"memory"`, for logs and readiness.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Memory(_) => "memory",
+        }
+    }
+
+    /// The Postgres pool, when there is one (the access log's `postgres` sink needs it).
+    pub fn pool(&self) -> Option<&PgPool> {
+        match self {
+            Self::Postgres(pool) => Some(pool),
+            Self::Memory(_) => None,
+        }
+    }
+
+    /// Append `data` to `channel` with the next offset; see [`messages::append`].
+    pub async fn append(
+        &self,
+        channel: &str,
+        data: &serde_json::value::RawValue,
+    ) -> Result<(i64, chrono::DateTime<chrono::Utc>), StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::append(pool, channel, data).await,
+            Self::Memory(log) => Ok(log.append(channel, data)),
+        }
+    }
+
+    /// Messages with `after < offset <= upto`, oldest first, at most `limit`.
+    pub async fn read_range(
+        &self,
+        channel: &str,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<messages::StoredMessage>, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::read_range(pool, channel, after, upto, limit).await,
+            Self::Memory(log) => Ok(log.read_range(channel, after, upto, limit)),
+        }
+    }
+
+    /// Messages with `offset > since`, oldest first, at most `limit`.
+    pub async fn read_since(
+        &self,
+        channel: &str,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<messages::StoredMessage>, StoreError> {
+        self.read_range(channel, since, i64::MAX, limit).await
+    }
+
+    pub async fn position(&self, channel: &str) -> Result<messages::ChannelPosition, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::position(pool, channel).await,
+            Self::Memory(log) => Ok(log.position(channel)),
+        }
+    }
+
+    /// Delete up to `batch` messages older than `max_age`.
+    pub async fn prune_older_than(&self, max_age: Duration, batch: i64) -> Result<u64, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::prune_older_than(pool, max_age, batch).await,
+            Self::Memory(log) => Ok(log.prune_older_than(max_age, batch)),
+        }
+    }
+
+    /// Delete up to `batch` messages beyond the newest `keep` of some channel (the memory log
+    /// enforces this on append already).
+    pub async fn prune_beyond_count(&self, keep: i64, batch: i64) -> Result<u64, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::prune_beyond_count(pool, keep, batch).await,
+            Self::Memory(_) => Ok(0),
+        }
+    }
+
+    /// A round trip to the backend (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+                Ok(())
+            }
+            Self::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Release connections at shutdown.
+    pub async fn close(&self) {
+        if let Self::Postgres(pool) = self {
+            pool.close().await;
+        }
+    }
 }
 
 /// Migrations embedded from `migrations/` at compile time.

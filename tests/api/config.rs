@@ -42,6 +42,7 @@ fn list_variables_accept_spaces_and_empty() {
     let s = load(&[
         ("APP__ACCESS_LOG__SINKS", "file, postgres"),
         ("APP__HTTP__CORS_ALLOWED_ORIGINS", ""),
+        ("APP__DATABASE__URL", "postgres://localhost/relay"),
     ])
     .unwrap();
     assert_eq!(s.access_log.sinks.len(), 2);
@@ -49,6 +50,59 @@ fn list_variables_accept_spaces_and_empty() {
     let s = load(&[("APP__ACCESS_LOG__SINKS", "")]).unwrap();
     assert!(s.access_log.sinks.is_empty());
     assert!(load(&[("APP__ACCESS_LOG__SINKS", "stdout,syslog")]).is_err());
+}
+
+fn load_env(app_env: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::load(&LoadOptions {
+        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+        app_env: app_env.to_owned(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    })
+}
+
+#[test]
+fn local_runs_embedded_and_production_refuses_to() {
+    let local = load_env("local", &[]).unwrap();
+    assert!(local.is_embedded());
+    assert!(local.database.url.is_empty() && local.redis.url.is_empty());
+    let full = load_env(
+        "local",
+        &[
+            ("APP__DATABASE__URL", "postgres://db/relay"),
+            ("APP__REDIS__URL", "redis://r:6379"),
+        ],
+    )
+    .unwrap();
+    assert!(!full.is_embedded());
+
+    let err = load_env("production", &[("APP__DATABASE__URL", "")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("database.url") && err.contains("allow_embedded"),
+        "{err}"
+    );
+    let err = load_env("production", &[("APP__REDIS__URL", "")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("redis.url"), "{err}");
+    let allowed = load_env(
+        "production",
+        &[
+            ("APP__REDIS__URL", ""),
+            ("APP__SERVER__ALLOW_EMBEDDED", "true"),
+        ],
+    )
+    .unwrap();
+    assert!(allowed.is_embedded());
+    // The Postgres access-log sink needs Postgres.
+    let err = load_env("local", &[("APP__ACCESS_LOG__SINKS", "postgres")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("access_log.sinks"), "{err}");
 }
 
 #[test]

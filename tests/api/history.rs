@@ -262,10 +262,13 @@ async fn retention_prunes_and_since_older_than_history_says_so() {
         .unwrap();
     let mut settings = app.settings.history.clone();
     settings.prune_batch = 4; // several batches
-    let deleted =
-        relay::retention::prune_once(&pool, &settings, &relay::lifecycle::Lifecycle::new())
-            .await
-            .unwrap();
+    let deleted = relay::retention::prune_once(
+        &relay::store::MessageStore::Postgres(pool.clone()),
+        &settings,
+        &relay::lifecycle::Lifecycle::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(deleted, 15 + 1);
 
     let page: Value = app

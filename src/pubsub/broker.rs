@@ -1,0 +1,183 @@
+//! The broker seam: where messages travel between replicas. Redis pub/sub, or — in embedded
+//! mode, when `redis.url` is empty — an in-process queue for a single replica.
+//!
+//! Everything above this module (listener, registry, sequencing, sessions) is the same for both.
+//! [`Publisher`] is the sending side (kept in [`super::PubSub`]); [`Source`], [`Sink`] and
+//! [`Stream`] are the listener's receiving side.
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, PubSubSink, PubSubStream};
+use tokio::sync::mpsc;
+
+use super::PubSubError;
+
+/// Messages waiting in the embedded broker. Publishers wait when it is full (backpressure,
+/// counted); the listener drains it as fast as Redis would.
+pub const MEMORY_QUEUE: usize = 8192;
+
+/// A message on the embedded broker: full channel name (with prefix) and payload.
+#[derive(Debug)]
+pub struct MemoryMessage {
+    channel: String,
+    payload: String,
+}
+
+/// Create the sending and receiving halves of the broker chosen by `redis_url`.
+pub fn open(
+    redis_url: &str,
+    publisher_config: redis::aio::ConnectionManagerConfig,
+) -> Result<(Publisher, Source), PubSubError> {
+    if redis_url.trim().is_empty() {
+        let (tx, rx) = mpsc::channel(MEMORY_QUEUE);
+        return Ok((Publisher::Memory(tx), Source::Memory(Some(rx))));
+    }
+    let client = redis::Client::open(redis_url)?;
+    // Lazily connected: startup does not fail while Redis is down; readiness reports it.
+    let publisher = client.get_connection_manager_lazy(publisher_config)?;
+    Ok((Publisher::Redis(publisher), Source::Redis(client)))
+}
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub enum Publisher {
+    Redis(ConnectionManager),
+    Memory(mpsc::Sender<MemoryMessage>),
+}
+
+impl Publisher {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Redis(_) => "redis",
+            Self::Memory(_) => "memory",
+        }
+    }
+
+    /// PUBLISH `payload` to the full channel name `channel`.
+    pub async fn publish(&self, channel: String, payload: String) -> Result<(), PubSubError> {
+        match self {
+            Self::Redis(manager) => {
+                let mut conn = manager.clone();
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(channel).arg(payload);
+                cmd.query_async::<i64>(&mut conn).await?;
+                Ok(())
+            }
+            Self::Memory(queue) => {
+                let message = MemoryMessage { channel, payload };
+                match queue.try_send(message) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(message)) => {
+                        metrics::counter!("relay_memory_broker_full_total").increment(1);
+                        queue
+                            .send(message)
+                            .await
+                            .map_err(|_| PubSubError::ListenerStopped)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(PubSubError::ListenerStopped),
+                }
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), PubSubError> {
+        match self {
+            Self::Redis(manager) => {
+                let mut conn = manager.clone();
+                let cmd = redis::cmd("PING");
+                cmd.query_async::<String>(&mut conn).await?;
+                Ok(())
+            }
+            Self::Memory(queue) if queue.is_closed() => Err(PubSubError::ListenerStopped),
+            Self::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// What the listener connects to.
+pub enum Source {
+    Redis(redis::Client),
+    /// Taken by the first (and only) connect: the embedded broker never disconnects.
+    Memory(Option<mpsc::Receiver<MemoryMessage>>),
+}
+
+impl Source {
+    /// Open the receiving connection.
+    pub async fn connect(&mut self) -> Result<(Sink, Stream), PubSubError> {
+        match self {
+            Self::Redis(client) => {
+                let (sink, stream) = client.get_async_pubsub().await?.split();
+                Ok((Sink::Redis(sink), Stream::Redis(stream)))
+            }
+            Self::Memory(queue) => queue
+                .take()
+                .map(|queue| (Sink::Memory, Stream::Memory(queue)))
+                .ok_or(PubSubError::ListenerStopped),
+        }
+    }
+}
+
+/// Subscription control of a connection.
+#[derive(Clone)]
+pub enum Sink {
+    Redis(PubSubSink),
+    /// Every message reaches the listener; the registry filters by channel.
+    Memory,
+}
+
+impl Sink {
+    pub async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Redis(sink) => sink.subscribe(channels).await,
+            Self::Memory => Ok(()),
+        }
+    }
+
+    pub async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Self::Redis(sink) => sink.unsubscribe(channel).await,
+            Self::Memory => Ok(()),
+        }
+    }
+}
+
+/// Incoming messages of a connection.
+pub enum Stream {
+    Redis(PubSubStream),
+    Memory(mpsc::Receiver<MemoryMessage>),
+}
+
+/// One received message.
+pub enum Incoming {
+    Redis(redis::Msg),
+    Memory(MemoryMessage),
+}
+
+impl Incoming {
+    pub fn channel(&self) -> &str {
+        match self {
+            Self::Redis(msg) => msg.get_channel_name(),
+            Self::Memory(msg) => &msg.channel,
+        }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        match self {
+            Self::Redis(msg) => msg.get_payload_bytes(),
+            Self::Memory(msg) => msg.payload.as_bytes(),
+        }
+    }
+}
+
+impl Stream {
+    /// The next message; None when the connection is gone.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        match self {
+            Self::Redis(stream) => stream.next().await.map(Incoming::Redis),
+            Self::Memory(queue) => match queue.recv().await {
+                Some(msg) => Some(Incoming::Memory(msg)),
+                // All publishers are gone (shutdown): nothing more will come.
+                None => std::future::pending().await,
+            },
+        }
+    }
+}
