@@ -145,6 +145,51 @@ pub async fn spawn_app_unready(customise: impl FnOnce(&mut Settings)) -> TestApp
     start(settings, Some(db)).await
 }
 
+/// Which backends a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Postgres and Redis: the production setup.
+    Services,
+    /// Embedded mode: history in memory, in-process broker.
+    Embedded,
+}
+
+/// Start relay on `backend` and wait until it is ready.
+pub async fn spawn_app_on(backend: Backend, customise: impl FnOnce(&mut Settings)) -> TestApp {
+    match backend {
+        Backend::Services => spawn_app_with(customise).await,
+        Backend::Embedded => {
+            let mut settings = base_settings();
+            settings.database.url = SecretUrl::new("");
+            settings.redis.url = SecretUrl::new("");
+            customise(&mut settings);
+            let app = start(settings, None).await;
+            app.wait_ready().await;
+            app
+        }
+    }
+}
+
+/// Generate one test per backend from `async fn name(backend: Backend)`, in modules
+/// `on_services` and `embedded`: the contract is the same for both.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_services {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::helpers::Backend::Services).await
+            })*
+        }
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::helpers::Backend::Embedded).await
+            })*
+        }
+    };
+}
+
 async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
     let app = Application::build(settings.clone())
         .await

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{OwnRedis, TestApp, WsClient, spawn_app, spawn_app_with, wait_for_status};
+use crate::helpers::{
+    Backend, OwnRedis, TestApp, WsClient, spawn_app, spawn_app_on, spawn_app_with, wait_for_status,
+};
 
 async fn message_count(app: &TestApp) -> i64 {
     let pool = app.db_pool().await;
@@ -16,9 +18,8 @@ async fn message_count(app: &TestApp) -> i64 {
     n
 }
 
-#[tokio::test]
-async fn publish_returns_201_with_the_offset_and_delivers_it() {
-    let app = spawn_app().await;
+async fn publish_returns_201_with_the_offset_and_delivers_it(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     let mut ws = app.subscribed_ws(&["orders"]).await;
     let res = app
         .post_message("orders", json!({"sku": "A1", "qty": 2}))
@@ -153,9 +154,8 @@ async fn collect_ids(ws: &mut WsClient, until: i64) -> Vec<i64> {
     ids
 }
 
-#[tokio::test]
-async fn reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing() {
-    let app = spawn_app().await;
+async fn reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     let total = 300;
     let mut first = app.subscribed_ws(&["burst"]).await;
     let http = app.http.clone();
@@ -189,9 +189,8 @@ async fn reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing() 
     second.expect_silence(Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn since_in_the_query_string_replays_before_live() {
-    let app = spawn_app().await;
+async fn since_in_the_query_string_replays_before_live(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     for i in 1..=5 {
         app.publish("q", json!(i)).await;
     }
@@ -208,9 +207,8 @@ async fn since_in_the_query_string_replays_before_live() {
     assert_eq!(collect_ids(&mut ws, 6).await, vec![3, 4, 5, 6]);
 }
 
-#[tokio::test]
-async fn history_api_pages_with_a_cursor() {
-    let app = spawn_app().await;
+async fn history_api_pages_with_a_cursor(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     for i in 1..=25 {
         app.publish("pages", json!({"n": i})).await;
     }
@@ -302,9 +300,8 @@ async fn retention_prunes_and_since_older_than_history_says_so() {
     pool.close().await;
 }
 
-#[tokio::test]
-async fn sse_resumes_from_last_event_id() {
-    let app = spawn_app().await;
+async fn sse_resumes_from_last_event_id(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     for i in 1..=4 {
         app.publish("s", json!(i)).await;
     }
@@ -369,3 +366,11 @@ async fn subscribers_get_every_message_committed_during_a_redis_outage() {
     assert_eq!(collect_ids(&mut ws, 21).await, (6..=21).collect::<Vec<_>>());
     ws.expect_silence(Duration::from_millis(500)).await;
 }
+
+crate::on_both_backends!(
+    publish_returns_201_with_the_offset_and_delivers_it,
+    reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing,
+    since_in_the_query_string_replays_before_live,
+    history_api_pages_with_a_cursor,
+    sse_resumes_from_last_event_id,
+);

@@ -6,15 +6,16 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{OwnRedis, TestApp, WsClient, spawn_app, spawn_app_with, wait_for_status};
+use crate::helpers::{
+    Backend, OwnRedis, TestApp, WsClient, spawn_app, spawn_app_on, wait_for_status,
+};
 
 fn message(channel: &str, data: Value, id: i64) -> Value {
     json!({"type": "message", "channel": channel, "data": data, "id": id})
 }
 
-#[tokio::test]
-async fn two_clients_on_one_channel_both_receive() {
-    let app = spawn_app().await;
+async fn two_clients_on_one_channel_both_receive(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     let mut a = app.subscribed_ws(&["room"]).await;
     let mut b = app.subscribed_ws(&["room"]).await;
     a.send_json(json!({"type": "publish", "channel": "room", "data": {"hello": "world"}}))
@@ -95,9 +96,8 @@ async fn unsubscribe_stops_delivery_and_releases_the_redis_subscription() {
     assert_eq!(numsub, 0);
 }
 
-#[tokio::test]
-async fn one_thousand_messages_arrive_in_order_at_every_subscriber() {
-    let app = spawn_app().await;
+async fn one_thousand_messages_arrive_in_order_at_every_subscriber(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     let mut subs = Vec::new();
     for _ in 0..3 {
         subs.push(app.subscribed_ws(&["seq"]).await);
@@ -130,9 +130,8 @@ async fn connect_non_reading(app: &TestApp, query: &str) -> WsClient {
     WsClient { stream }
 }
 
-#[tokio::test]
-async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything() {
-    let app = spawn_app_with(|s| {
+async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything(backend: Backend) {
+    let app = spawn_app_on(backend, |s| {
         s.ws.outbox_capacity = 8;
         s.ws.write_timeout = Duration::from_secs(30);
     })
@@ -152,11 +151,7 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything() 
         healthy
     });
     for i in 0..total {
-        app.redis_publish(
-            "firehose",
-            &json!({"data": {"n": i, "blob": blob}}).to_string(),
-        )
-        .await;
+        app.publish("firehose", json!({"n": i, "blob": blob})).await;
     }
     let _healthy = reader
         .await
@@ -165,9 +160,8 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything() 
     assert_eq!(slow.expect_close().await, 4008);
 }
 
-#[tokio::test]
-async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
-    let app = spawn_app().await;
+async fn bad_frames_get_error_frames_and_the_connection_stays_open(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     let mut ws = app.connect_ws("").await;
     let cases: &[(&str, &str)] = &[
         ("{not json", "invalid_json"),
@@ -195,9 +189,8 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
     ws.expect_type("pong").await;
 }
 
-#[tokio::test]
-async fn too_many_subscriptions_get_an_error_frame() {
-    let app = spawn_app_with(|s| s.ws.max_subscriptions = 2).await;
+async fn too_many_subscriptions_get_an_error_frame(backend: Backend) {
+    let app = spawn_app_on(backend, |s| s.ws.max_subscriptions = 2).await;
     let mut ws = app.subscribed_ws(&["a", "b"]).await;
     ws.send_json(json!({"type": "subscribe", "channel": "c"}))
         .await;
@@ -211,9 +204,8 @@ async fn too_many_subscriptions_get_an_error_frame() {
     ws.expect_type("subscribed").await;
 }
 
-#[tokio::test]
-async fn an_oversized_frame_closes_with_1009() {
-    let app = spawn_app_with(|s| s.ws.max_message_bytes = 1024).await;
+async fn an_oversized_frame_closes_with_1009(backend: Backend) {
+    let app = spawn_app_on(backend, |s| s.ws.max_message_bytes = 1024).await;
     let mut ws = app.connect_ws("").await;
     let big = json!({"type": "publish", "channel": "x", "data": "y".repeat(4096)});
     ws.send_json(big).await;
@@ -237,9 +229,8 @@ async fn garbage_redis_payloads_are_skipped_and_the_listener_keeps_going() {
     assert_eq!(ws.expect_type("message").await["data"], "fine");
 }
 
-#[tokio::test]
-async fn shutdown_closes_websockets_with_1001_within_the_deadline() {
-    let mut app = spawn_app().await;
+async fn shutdown_closes_websockets_with_1001_within_the_deadline(backend: Backend) {
+    let mut app = spawn_app_on(backend, |_| {}).await;
     let mut a = app.subscribed_ws(&["bye"]).await;
     let mut b = app.connect_ws("").await;
     let deadline = app.settings.shutdown.drain_timeout;
@@ -249,9 +240,8 @@ async fn shutdown_closes_websockets_with_1001_within_the_deadline() {
     assert!(took < deadline, "shutdown took {took:?}");
 }
 
-#[tokio::test]
-async fn sse_receives_the_same_messages_as_websocket() {
-    let app = spawn_app().await;
+async fn sse_receives_the_same_messages_as_websocket(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
     let mut ws = app.subscribed_ws(&["feed"]).await;
     let res = app
         .http
@@ -262,8 +252,7 @@ async fn sse_receives_the_same_messages_as_websocket() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut res = res;
-    app.redis_publish("feed", r#"{"data":{"k":1},"id":5}"#)
-        .await;
+    app.publish("feed", json!({"k": 1})).await;
     let ws_frame = ws.expect_type("message").await;
 
     let mut text = String::new();
@@ -286,7 +275,7 @@ async fn sse_receives_the_same_messages_as_websocket() {
         .find_map(|l| l.strip_prefix("data: "))
         .expect("data line");
     assert_eq!(serde_json::from_str::<Value>(data).unwrap(), ws_frame);
-    assert!(event.lines().any(|l| l == "id: 5"), "{event}");
+    assert!(event.lines().any(|l| l == "id: 1"), "{event}");
 }
 
 #[tokio::test]
@@ -335,3 +324,14 @@ async fn clients_stay_connected_through_a_redis_restart() {
         .await;
     assert_eq!(sub.expect_type("message").await["data"], "via ws");
 }
+
+crate::on_both_backends!(
+    two_clients_on_one_channel_both_receive,
+    one_thousand_messages_arrive_in_order_at_every_subscriber,
+    a_slow_consumer_is_disconnected_while_healthy_clients_get_everything,
+    bad_frames_get_error_frames_and_the_connection_stays_open,
+    too_many_subscriptions_get_an_error_frame,
+    an_oversized_frame_closes_with_1009,
+    shutdown_closes_websockets_with_1001_within_the_deadline,
+    sse_receives_the_same_messages_as_websocket,
+);
