@@ -667,6 +667,16 @@ impl RelayProcess {
         panic!("relay process at {} did not become ready", self.addr);
     }
 
+    /// GET `path` and parse the JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        reqwest::get(format!("http://{}{path}", self.addr))
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
     pub fn terminate(&self) {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])

@@ -40,14 +40,7 @@ async fn relay_serve_without_urls_runs_embedded_end_to_end() {
     let mut relay = RelayProcess::start(&[("APP__REDIS__URL", String::new())]);
     relay.wait_ready().await;
     let http = reqwest::Client::new();
-    let ready: serde_json::Value = http
-        .get(format!("http://{}/readyz", relay.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = relay.get_json("/readyz").await;
     assert_eq!(ready["embedded"], true, "{ready}");
     assert_eq!(
         ready["backends"],
@@ -74,17 +67,7 @@ async fn relay_serve_without_urls_runs_embedded_end_to_end() {
         .unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(ws.expect_type("message").await["id"], 2);
-    let history: serde_json::Value = http
-        .get(format!(
-            "http://{}/api/v1/channels/hello/messages",
-            relay.addr
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = relay.get_json("/api/v1/channels/hello/messages").await;
     assert_eq!(history["messages"].as_array().unwrap().len(), 2);
 
     relay.terminate();
