@@ -3,15 +3,18 @@
 //! Messages published on any replica (over HTTP, a WebSocket, or straight to Redis) reach every
 //! WebSocket and SSE subscriber of their channel on every replica. How the pieces fit:
 //!
-//! * [`config`] loads typed, validated settings; [`telemetry`] sets up logging.
+//! * [`config`] loads typed, validated settings; [`telemetry`] sets up logs, traces and metrics;
+//!   [`access_log`] writes the access log off the request path.
 //! * [`app::Application`] builds the service from settings: clients are created once and put in
 //!   [`state::AppState`]; the [`lifecycle::Lifecycle`] owns every background task and shutdown.
-//! * [`pubsub`] runs the Redis listener task and fans messages out to local sessions through
-//!   bounded outboxes; [`ws`] and [`sse`] are those sessions; [`protocol`] is the wire format.
+//! * [`pubsub`] runs the listener task (Redis, or in-process in embedded mode) and fans messages
+//!   out to local sessions through bounded outboxes; [`ws`] and [`sse`] are those sessions;
+//!   [`protocol`] is the wire format.
 //! * [`publish`] is the publish path (commit, then PUBLISH); [`history`] replays stored messages
 //!   for `since` subscriptions; [`retention`] prunes old history in the background.
-//! * [`http`] holds the router, the error type and middleware; [`store`] every SQL query.
-//! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`).
+//! * [`http`] holds the router, the error type and middleware; [`store`] is the message store
+//!   (Postgres, or memory in embedded mode) and every SQL query.
+//! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`).
 //!
 //! Tests and benchmarks start the real service in-process with [`app::Application`].
 

@@ -1,6 +1,6 @@
 //! [`AppState`]: everything handlers and tasks share, built once at startup.
 //!
-//! Clients (the Postgres pool, the Redis connections) are created inside the runtime by
+//! Clients (the message store's Postgres pool, the Redis connections) are created inside the runtime by
 //! [`crate::app::Application::build`] and only cloned from here; handlers never build clients.
 
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //!
 //! * [`AccessLog::record`] hands an entry to a bounded queue with a non-blocking send; when the
 //!   queue is full the entry is dropped and counted (`relay_access_log_dropped_total`).
-//! * [`writer`] batches entries (by count or time) and feeds each configured sink (`stdout` JSON
+//! * `writer` batches entries (by count or time) and feeds each configured sink (`stdout` JSON
 //!   lines, `file` with size-based rotation, `postgres` batched inserts) through its own task, so
 //!   a failing or stalled sink is retried with backoff and never holds up the others.
 //! * [`middleware`] builds HTTP entries and the [`AccessContext`] sessions use for theirs.

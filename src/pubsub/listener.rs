@@ -1,4 +1,5 @@
-//! The Redis listener: one task per replica that owns the dedicated pub/sub connection.
+//! The listener: one task per replica that owns the dedicated pub/sub connection (Redis, or the
+//! in-process broker of embedded mode; see [`super::broker`]).
 //!
 //! It SUBSCRIBEs a channel when the first local session subscribes and UNSUBSCRIBEs when the last
 //! one leaves (never PSUBSCRIBE to everything), turns every Redis message into one encoded frame

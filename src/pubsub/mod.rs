@@ -1,7 +1,9 @@
-//! Cross-replica fan-out over Redis pub/sub.
+//! Cross-replica fan-out over Redis pub/sub (or, in embedded mode, an in-process broker).
 //!
-//! * [`listener`]: the one task per replica that owns the Redis pub/sub connection and the
-//!   [`registry`] of local subscribers, and fans each message out.
+//! * [`broker`]: the seam between relay and the broker — Redis, or an in-process queue.
+//! * [`listener`]: the one task per replica that owns the broker connection and the
+//!   [`registry`] of local subscribers, orders each channel ([`sequencer`]) and fans each message
+//!   out.
 //! * [`outbox`]: the bounded per-session queue the fan-out pushes into.
 //! * [`PubSub`]: the handle sessions and handlers use — subscribe, unsubscribe, publish — kept in
 //!   the app state. Publishing uses a separate multiplexed connection, created once and shared.

@@ -123,7 +123,7 @@ pub fn exporter(settings: &TelemetrySettings) -> Result<Option<Exporter>, Teleme
     Ok(Some(Exporter(provider)))
 }
 
-/// W3C trace context, globally (used by [`extract`] and [`inject_traceparent`]).
+/// W3C trace context, globally (used by the `set_parent_from_*` functions).
 pub fn install_propagator() {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 }
