@@ -349,6 +349,8 @@ impl Listener {
             Ok(envelope) => envelope,
             Err(err) => {
                 metrics::counter!("relay_redis_invalid_payloads_total").increment(1);
+                metrics::counter!("relay_messages_dropped_total", "reason" => "invalid_payload")
+                    .increment(1);
                 self.invalid_payloads.warn(|suppressed| {
                     tracing::warn!(channel, %err, suppressed, "skipping Redis payload that is not a relay envelope");
                 });
@@ -377,6 +379,8 @@ impl Listener {
                         .deliver_sequenced(channel, id, frame, Instant::now());
                 if duplicate {
                     metrics::counter!("relay_duplicates_dropped_total").increment(1);
+                    metrics::counter!("relay_messages_dropped_total", "reason" => "duplicate")
+                        .increment(1);
                 }
                 result
             }
@@ -391,6 +395,12 @@ impl Listener {
         if result.overflowed > 0 {
             metrics::counter!("relay_slow_consumer_disconnects_total")
                 .increment(result.overflowed as u64);
+            metrics::counter!("relay_messages_dropped_total", "reason" => "slow_consumer")
+                .increment(result.overflowed as u64);
+        }
+        if result.rejected > 0 {
+            metrics::counter!("relay_messages_dropped_total", "reason" => "subscriber_gone")
+                .increment(result.rejected as u64);
         }
         if result.now_empty {
             // Pruning removed the last (departed) subscriber. Unsubscribing needs an `.await`,

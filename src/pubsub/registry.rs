@@ -40,6 +40,8 @@ pub struct FanOut {
     pub delivered: usize,
     /// Subscribers that overflowed with this frame (each is counted once, then closed).
     pub overflowed: usize,
+    /// Subscribers already closed or overflowed, pruned instead of delivered to.
+    pub rejected: usize,
     /// Closed outboxes were pruned and nobody is left: the channel should be unsubscribed.
     pub now_empty: bool,
 }
@@ -48,6 +50,7 @@ impl FanOut {
     fn add(&mut self, other: FanOut) {
         self.delivered += other.delivered;
         self.overflowed += other.overflowed;
+        self.rejected += other.rejected;
         self.now_empty |= other.now_empty;
     }
 }
@@ -228,6 +231,7 @@ impl ChannelRegistry {
                 }
                 Push::Rejected => {
                     // Overflowed earlier or closed: the session is leaving; forget it now.
+                    result.rejected += 1;
                     subs.swap_remove(i);
                     self.subscriptions -= 1;
                 }

@@ -67,7 +67,7 @@ fn describe() {
     );
     describe_counter!(
         "relay_messages_dropped_total",
-        "Messages not delivered, by reason"
+        "Messages not delivered: slow_consumer, subscriber_gone, duplicate, invalid_payload"
     );
     describe_counter!(
         "relay_slow_consumer_disconnects_total",

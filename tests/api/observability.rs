@@ -41,6 +41,16 @@ async fn every_request_and_session_gets_exactly_one_entry_in_file_and_postgres()
     let mut ws = app.subscribed_ws(&["logged"]).await;
     ws.send_json(json!({"type": "ping"})).await;
     ws.expect_type("pong").await;
+    // One SSE stream, ended by the client.
+    let mut sse = app
+        .http
+        .get(app.url("/sse?channels=logged,other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    assert!(sse.chunk().await.unwrap().is_some(), "first event");
+    drop(sse);
     app.shutdown().await;
 
     let text = std::fs::read_to_string(&file).expect("file sink wrote");
@@ -76,6 +86,14 @@ async fn every_request_and_session_gets_exactly_one_entry_in_file_and_postgres()
         .filter(|e| e["kind"] == "websocket")
         .collect();
     assert_eq!(sessions.len(), 1);
+    let streams: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "sse").collect();
+    assert_eq!(streams.len(), 1, "one entry per SSE stream");
+    assert_eq!(
+        streams[0]["session"]["channels"],
+        json!(["logged", "other"])
+    );
+    assert!(streams[0]["session"]["frames_out"].as_u64().unwrap() >= 1);
+    assert!(streams[0]["bytes_out"].as_u64().unwrap() > 0);
     assert_eq!(sessions[0]["session"]["close_code"], 1001);
     assert_eq!(sessions[0]["session"]["channels"], json!(["logged"]));
     assert_eq!(sessions[0]["session"]["frames_in"], 1);

@@ -141,6 +141,13 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything(ba
     // Make sure the slow client is subscribed before flooding (it reads just this frame).
     slow.expect_type("subscribed").await;
 
+    let dropped = |m: crate::helpers::Metrics| {
+        m.sum(
+            "relay_messages_dropped_total",
+            &[("reason", "slow_consumer")],
+        )
+    };
+    let dropped_before = dropped(app.metrics().await);
     let blob = "x".repeat(64 * 1024);
     let total = 300;
     let reader = tokio::spawn(async move {
@@ -158,6 +165,10 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything(ba
         .expect("healthy client received all messages in order");
     // The slow client now reads: whatever was buffered, then the slow-consumer close.
     assert_eq!(slow.expect_close().await, 4008);
+    assert!(
+        dropped(app.metrics().await) > dropped_before,
+        "the drop is counted"
+    );
 }
 
 async fn bad_frames_get_error_frames_and_the_connection_stays_open(backend: Backend) {
