@@ -162,8 +162,7 @@ impl<'a> ClientFrame<'a> {
     pub fn parse(text: &'a str) -> Result<Self, FrameError> {
         let head: Head<'a> =
             serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-        // serde also accepts structs written as arrays; frames are objects only.
-        if !text.trim_start().starts_with('{') {
+        if !is_json_object(text) {
             return Err(FrameError::InvalidFrame {
                 ty: "unknown",
                 reason: "a frame must be a JSON object".to_owned(),
@@ -212,6 +211,12 @@ impl<'a> ClientFrame<'a> {
         };
         Ok(frame)
     }
+}
+
+/// serde also accepts a struct written as an array (`[a, b]`); frames and envelopes are JSON
+/// objects only.
+fn is_json_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -402,9 +407,7 @@ pub enum EnvelopeError {
 impl<'a> Envelope<'a> {
     pub fn parse(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
         let text = std::str::from_utf8(payload).map_err(|_| EnvelopeError::NotUtf8)?;
-        // serde would also accept a struct written as an array (`[data, id]`); the envelope is
-        // an object only.
-        if !text.trim_start().starts_with('{') {
+        if !is_json_object(text) {
             return Err(EnvelopeError::NotObject);
         }
         Ok(serde_json::from_str(text)?)

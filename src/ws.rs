@@ -185,11 +185,11 @@ impl Session {
                 channels: traffic.channels,
                 close_code: code,
             };
-            let entry = access.session_entry(
+            let entry = access.entry(
                 EntryKind::Websocket,
                 101,
                 (traffic.bytes_in, traffic.bytes_out),
-                stats,
+                Some(stats),
             );
             self.state.access_log.record(entry);
         }

@@ -42,13 +42,13 @@ pub struct AccessContext {
 }
 
 impl AccessContext {
-    /// The entry for a session that ended now.
-    pub fn session_entry(
+    /// The entry for an exchange that ended now; `session` for WebSocket and SSE sessions.
+    pub fn entry(
         &self,
         kind: EntryKind,
         status: u16,
         bytes: (u64, u64),
-        stats: SessionStats,
+        session: Option<SessionStats>,
     ) -> Entry {
         Entry {
             ts: Utc::now(),
@@ -65,7 +65,7 @@ impl AccessContext {
             client_ip: self.client_ip.clone(),
             user_agent: self.user_agent.clone(),
             subject: None,
-            session: Some(stats),
+            session,
         }
     }
 }
@@ -199,27 +199,13 @@ impl Drop for PendingEntry {
             self.bytes_in.load(Ordering::Relaxed),
             self.bytes_out.load(Ordering::Relaxed),
         );
-        let mut entry = match self.kind {
-            EntryKind::Sse => {
-                let channels = url_channels(&self.context.path);
-                let stats = SessionStats {
-                    frames_out: self.frames_out,
-                    channels,
-                    ..SessionStats::default()
-                };
-                self.context
-                    .session_entry(EntryKind::Sse, self.status, bytes, stats)
-            }
-            _ => self.context.session_entry(
-                EntryKind::Http,
-                self.status,
-                bytes,
-                SessionStats::default(),
-            ),
-        };
-        if self.kind == EntryKind::Http {
-            entry.session = None;
-        }
+        // SSE streams are sessions: say which channels and how many events.
+        let session = (self.kind == EntryKind::Sse).then(|| SessionStats {
+            frames_out: self.frames_out,
+            channels: url_channels(&self.context.path),
+            ..SessionStats::default()
+        });
+        let entry = self.context.entry(self.kind, self.status, bytes, session);
         self.log.record(entry);
     }
 }

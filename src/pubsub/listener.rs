@@ -384,10 +384,9 @@ impl Listener {
                 }
                 result
             }
-            None => self.registry.deliver_unsequenced(channel, &frame),
+            None => self.registry.fan_out(channel, &frame),
         };
-        let channel: Box<str> = channel.into();
-        self.account(&channel, result);
+        self.account(channel, result);
     }
 
     fn account(&mut self, channel: &str, result: FanOut) {

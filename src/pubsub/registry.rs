@@ -145,11 +145,6 @@ impl ChannelRegistry {
             .min_by_key(|(deadline, _)| *deadline)
     }
 
-    /// Deliver a message without an offset (from a publisher that sets none) as it comes.
-    pub fn deliver_unsequenced(&mut self, channel: &str, frame: &ServerFrame) -> FanOut {
-        self.fan_out(channel, frame)
-    }
-
     /// Offer a message with offset `id` to the channel's sequencer and deliver whatever became
     /// ready. Returns the fan-out totals and whether the message was a duplicate.
     pub fn deliver_sequenced(

@@ -53,16 +53,6 @@ pub async fn append(
     Ok((row.try_get("offset")?, row.try_get("created_at")?))
 }
 
-/// Messages with `offset > since`, oldest first, at most `limit`.
-pub async fn read_since(
-    pool: &PgPool,
-    channel: &str,
-    since: i64,
-    limit: i64,
-) -> Result<Vec<StoredMessage>, StoreError> {
-    read_range(pool, channel, since, i64::MAX, limit).await
-}
-
 /// Messages with `after < offset <= upto`, oldest first, at most `limit`.
 pub async fn read_range(
     pool: &PgPool,

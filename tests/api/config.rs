@@ -2,10 +2,10 @@ use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use relay::config::{ConfigError, LoadOptions, Settings};
 
-fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+fn load_env(app_env: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     Settings::load(&LoadOptions {
         dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
-        app_env: "local".to_owned(),
+        app_env: app_env.to_owned(),
         env: env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -13,16 +13,16 @@ fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     })
 }
 
+/// The shipped config for `APP_ENV=local` plus these variables.
+fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    load_env("local", env)
+}
+
 #[test]
 fn shipped_configs_load() {
     assert!(load(&[]).is_ok());
     for app_env in ["local", "production"] {
-        let opts = LoadOptions {
-            dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
-            app_env: app_env.to_owned(),
-            env: HashMap::new(),
-        };
-        Settings::load(&opts).unwrap_or_else(|e| panic!("{app_env}: {e}"));
+        load_env(app_env, &[]).unwrap_or_else(|e| panic!("{app_env}: {e}"));
     }
 }
 
@@ -50,17 +50,6 @@ fn list_variables_accept_spaces_and_empty() {
     let s = load(&[("APP__ACCESS_LOG__SINKS", "")]).unwrap();
     assert!(s.access_log.sinks.is_empty());
     assert!(load(&[("APP__ACCESS_LOG__SINKS", "stdout,syslog")]).is_err());
-}
-
-fn load_env(app_env: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-    Settings::load(&LoadOptions {
-        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
-        app_env: app_env.to_owned(),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<HashMap<_, _>>(),
-    })
 }
 
 #[test]
