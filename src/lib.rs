@@ -22,6 +22,7 @@ pub mod access_log;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod core;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod history;

@@ -16,6 +16,19 @@ use crate::config::is_channel_char;
 /// Longest channel name accepted.
 pub const MAX_CHANNEL_LEN: usize = 128;
 
+/// Largest offset relay assigns or accepts (`since`, `Last-Event-ID`, envelope `id`): 2^53 − 1,
+/// the largest integer a JavaScript client holds exactly. Keeping every offset below it also
+/// leaves `offset + 1` far from `i64::MAX`, so offset arithmetic cannot overflow.
+pub const MAX_OFFSET: i64 = (1 << 53) - 1;
+
+/// Parse an offset given as text (`since.x=…`, `Last-Event-ID`): an integer in `0..=MAX_OFFSET`.
+pub fn parse_offset(text: &str) -> Option<i64> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|o| (0..=MAX_OFFSET).contains(o))
+}
+
 /// Why a channel name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid channel name: must be 1-128 characters of A-Z a-z 0-9 _ - : .")]
@@ -59,11 +72,9 @@ pub fn parse_subscription_query(query: Option<&str>) -> Result<Vec<QuerySubscrip
         if key == "channels" {
             channels.extend(parse_channel_list(&value).map_err(|e| e.to_string())?);
         } else if let Some(channel) = key.strip_prefix("since.") {
-            let offset = value
-                .parse::<i64>()
-                .ok()
-                .filter(|o| *o >= 0)
-                .ok_or_else(|| format!("`{key}` must be a non-negative integer offset"))?;
+            let offset = parse_offset(&value).ok_or_else(|| {
+                format!("`{key}` must be an integer offset between 0 and {MAX_OFFSET}")
+            })?;
             since.push((channel.to_owned(), offset));
         }
     }
@@ -182,10 +193,10 @@ impl<'a> ClientFrame<'a> {
             "subscribe" => {
                 let b: SubscribeBody = body("subscribe", text)?;
                 validate_channel(&b.channel)?;
-                if b.since.is_some_and(|s| s < 0) {
+                if b.since.is_some_and(|s| !(0..=MAX_OFFSET).contains(&s)) {
                     return Err(FrameError::InvalidFrame {
                         ty: "subscribe",
-                        reason: "`since` must be a non-negative offset".to_owned(),
+                        reason: format!("`since` must be an offset between 0 and {MAX_OFFSET}"),
                     });
                 }
                 Self::Subscribe {
@@ -233,6 +244,7 @@ pub enum FrameKind {
     Subscribed,
     Unsubscribed,
     Pong,
+    Gap,
     Error,
 }
 
@@ -243,6 +255,7 @@ impl FrameKind {
             Self::Subscribed => "subscribed",
             Self::Unsubscribed => "unsubscribed",
             Self::Pong => "pong",
+            Self::Gap => "gap",
             Self::Error => "error",
         }
     }
@@ -284,6 +297,15 @@ struct ChannelJson<'a> {
     #[serde(rename = "type")]
     ty: &'static str,
     channel: &'a str,
+}
+
+#[derive(Serialize)]
+struct GapJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    channel: &'a str,
+    from: i64,
+    to: i64,
 }
 
 #[derive(Serialize)]
@@ -364,6 +386,19 @@ impl ServerFrame {
         }
     }
 
+    /// `{"type":"gap","channel":…,"from":…,"to":…}`: offsets `from..=to` of the channel are lost
+    /// (pruned, or history unavailable) and will not be delivered. The SSE `id:` is `to`, so a
+    /// reconnecting browser resumes after the hole instead of asking for it again.
+    pub fn gap(channel: &str, from: i64, to: i64) -> Self {
+        let json = GapJson {
+            ty: "gap",
+            channel,
+            from,
+            to,
+        };
+        encode(FrameKind::Gap, &json, Some(to))
+    }
+
     /// `{"type":"error","code":…,"message":…}`
     pub fn error(code: &str, message: &str) -> Self {
         let json = ErrorJson {
@@ -375,16 +410,22 @@ impl ServerFrame {
     }
 }
 
-/// The payload relay PUBLISHes to Redis and expects to receive: `{"data":<JSON>,"id":<int>}`,
-/// plus the optional `traceparent` and `ts` relay adds. Only `data` is required (other
-/// publishers may omit the rest); unknown fields are ignored so later versions can add some
-/// without breaking older replicas.
+/// The payload relay PUBLISHes to Redis and expects to receive: `{"data":<JSON>,"id":<int>,
+/// "origin":"relay"}`, plus the optional `traceparent` and `ts` relay adds. Only `data` is
+/// required (other publishers may omit the rest); unknown fields are ignored so later versions
+/// can add some without breaking older replicas.
+///
+/// Offsets belong to relay: [`Envelope::offset`] honours `id` only on envelopes relay marked as
+/// its own with `origin`, so an outside publisher can never take, replace or use up an offset.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct Envelope<'a> {
     #[serde(borrow)]
     pub data: &'a RawValue,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<i64>,
+    /// [`RELAY_ORIGIN`] on envelopes relay published after committing the message.
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Cow<'a, str>>,
     /// W3C trace context of the publish, so delivery spans join the publisher's trace.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<Cow<'a, str>>,
@@ -404,7 +445,18 @@ pub enum EnvelopeError {
     Shape(#[from] serde_json::Error),
 }
 
+/// The `origin` relay writes into its own envelopes.
+pub const RELAY_ORIGIN: &str = "relay";
+
 impl<'a> Envelope<'a> {
+    /// The message's offset: `id` of an envelope relay published itself, within
+    /// `1..=MAX_OFFSET`. Outside envelopes (and out-of-range ids) have none and are delivered
+    /// with `"id": null`.
+    pub fn offset(&self) -> Option<i64> {
+        let own = self.origin.as_deref() == Some(RELAY_ORIGIN);
+        self.id.filter(|id| own && (1..=MAX_OFFSET).contains(id))
+    }
+
     pub fn parse(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
         let text = std::str::from_utf8(payload).map_err(|_| EnvelopeError::NotUtf8)?;
         if !is_json_object(text) {
@@ -490,10 +542,60 @@ mod tests {
     }
 
     #[test]
+    fn outside_envelopes_never_carry_offsets() {
+        for payload in [
+            r#"{"data":1,"id":4}"#,
+            r#"{"data":1,"id":4,"origin":"someone"}"#,
+            r#"{"data":1,"id":0,"origin":"relay"}"#,
+            r#"{"data":1,"id":-3,"origin":"relay"}"#,
+            r#"{"data":1,"id":9007199254740992,"origin":"relay"}"#,
+        ] {
+            let env = Envelope::parse(payload.as_bytes()).unwrap();
+            assert_eq!(env.offset(), None, "{payload}");
+        }
+        // An id beyond i64 is not an envelope at all.
+        assert!(Envelope::parse(br#"{"data":1,"id":99999999999999999999}"#).is_err());
+    }
+
+    #[test]
+    fn offsets_are_range_checked() {
+        assert_eq!(parse_offset("41"), Some(41));
+        assert_eq!(parse_offset("9007199254740991"), Some(MAX_OFFSET));
+        for bad in [
+            "-1",
+            "9007199254740992",
+            "9223372036854775807",
+            "99999999999999999999",
+            "x",
+            "",
+        ] {
+            assert_eq!(parse_offset(bad), None, "{bad}");
+        }
+        for since in [
+            "9007199254740992",
+            "9223372036854775807",
+            "1e30",
+            "-1",
+            "1.5",
+            "\"4\"",
+        ] {
+            let frame = format!(r#"{{"type":"subscribe","channel":"x","since":{since}}}"#);
+            assert_eq!(
+                ClientFrame::parse(&frame).unwrap_err().code(),
+                "invalid_frame",
+                "{since}"
+            );
+        }
+        assert!(parse_subscription_query(Some("channels=a&since.a=9223372036854775807")).is_err());
+    }
+
+    #[test]
     fn envelope_round_trip_and_garbage() {
-        let env = Envelope::parse(br#"{"data":{"k":"v"},"id":7,"traceparent":"x"}"#).unwrap();
-        assert_eq!(env.id, Some(7));
-        let frame = ServerFrame::message("c", env.data, env.id);
+        let env =
+            Envelope::parse(br#"{"data":{"k":"v"},"id":7,"origin":"relay","traceparent":"x"}"#)
+                .unwrap();
+        assert_eq!(env.offset(), Some(7));
+        let frame = ServerFrame::message("c", env.data, env.offset());
         assert_eq!(
             &*frame.text,
             r#"{"type":"message","channel":"c","data":{"k":"v"},"id":7}"#

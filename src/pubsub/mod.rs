@@ -193,6 +193,7 @@ impl PubSub {
         let payload = Envelope {
             data,
             id,
+            origin: id.map(|_| crate::protocol::RELAY_ORIGIN.into()),
             traceparent: otel::traceparent(&tracing::Span::current()).map(Into::into),
             ts: Some(chrono::Utc::now().timestamp_micros()),
         }
