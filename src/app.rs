@@ -3,7 +3,8 @@
 //! `build` does the startup sequence — Postgres pool (with retries), migrations if enabled, Redis
 //! clients and the pub/sub listener, app state, and binding the listener socket *before* serving
 //! (so port 0 works and tests learn the real port). `run_until_stopped` serves until the lifecycle
-//! is cancelled, then drains requests and tracked tasks within `shutdown.drain_timeout`.
+//! is cancelled, then drains requests and tracked tasks within `shutdown.drain_timeout`, and
+//! fails with [`StartupError::TaskFailed`] if a critical task's death was the cause.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -63,6 +64,9 @@ pub enum StartupError {
     },
     #[error("server error: {0}")]
     Serve(#[source] std::io::Error),
+    /// A task spawned with [`Lifecycle::spawn_critical`] ended before shutdown.
+    #[error("critical task `{task}` stopped unexpectedly")]
+    TaskFailed { task: &'static str },
 }
 
 pub struct Application {
@@ -79,13 +83,21 @@ impl Application {
         let settings = Arc::new(settings);
         let lifecycle = Lifecycle::new();
         let store = open_store(&settings).await?;
+        // Bind before starting any task, so a failed bind leaves none behind.
+        let (listener, local_addr) =
+            bind(SocketAddr::new(settings.server.host, settings.server.port)).await?;
+        let (admin_listener, admin_addr) = bind(SocketAddr::new(
+            settings.server.host,
+            settings.server.admin_port,
+        ))
+        .await?;
         let history = HistorySource {
             store: store.clone(),
             settings: settings.history.clone(),
             timeout: settings.database.acquire_timeout,
         };
         let pubsub = PubSub::start(&settings.redis, history, &lifecycle)?;
-        lifecycle.spawn(
+        lifecycle.spawn_critical(
             "history_retention",
             retention::run(store.clone(), settings.history.clone(), lifecycle.clone()),
         );
@@ -98,13 +110,6 @@ impl Application {
         }
         let access_log = AccessLog::start(&settings.access_log, store.pool(), &lifecycle);
         let metrics = telemetry::metrics::install();
-        let (listener, local_addr) =
-            bind(SocketAddr::new(settings.server.host, settings.server.port)).await?;
-        let (admin_listener, admin_addr) = bind(SocketAddr::new(
-            settings.server.host,
-            settings.server.admin_port,
-        ))
-        .await?;
         let state = AppState {
             settings,
             store,
@@ -142,7 +147,8 @@ impl Application {
     }
 
     /// Serve until the lifecycle is cancelled, then drain. Returns once everything stopped or
-    /// the drain deadline passed (what was still running is logged).
+    /// the drain deadline passed (what was still running is logged); an error if the server
+    /// failed or a critical task stopped unexpectedly.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
         let Self {
             listener,
@@ -160,12 +166,12 @@ impl Application {
             http::admin::router(state.clone(), metrics.clone()),
         )
         .with_graceful_shutdown(lifecycle.cancelled_owned());
-        lifecycle.spawn("admin_server", async move {
+        lifecycle.spawn_critical("admin_server", async move {
             if let Err(err) = admin.await {
                 tracing::error!(%err, "admin server failed");
             }
         });
-        lifecycle.spawn(
+        lifecycle.spawn_critical(
             "metrics_upkeep",
             telemetry::metrics::upkeep(metrics, lifecycle.clone()),
         );
@@ -210,8 +216,9 @@ impl Application {
             clean = requests_done && tasks_done && flushed,
             "shutdown complete"
         );
-        match early_exit {
-            Some(Err(err)) => Err(StartupError::Serve(err)),
+        match (early_exit, lifecycle.failure()) {
+            (Some(Err(err)), _) => Err(StartupError::Serve(err)),
+            (_, Some(task)) => Err(StartupError::TaskFailed { task }),
             _ => Ok(()),
         }
     }

@@ -5,7 +5,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    app::Application,
+    app::{Application, StartupError},
     config::{LoadOptions, Settings},
     lifecycle::shutdown_signal,
     store, telemetry,
@@ -171,14 +171,21 @@ async fn serve(settings: Settings) -> ExitCode {
         exit_now();
     };
     tokio::select! {
-        result = app.run_until_stopped() => match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                tracing::error!(%err, "server failed");
-                ExitCode::FAILURE
-            }
-        },
+        result = app.run_until_stopped() => serve_exit_code(result),
         () = signals => ExitCode::FAILURE,
+    }
+}
+
+/// How `serve` exits once the app stopped: 0 after a signalled shutdown, 1 (logged) when the
+/// server or a critical task failed, so the orchestrator restarts the process. (A second signal
+/// exits 130 without getting here.)
+fn serve_exit_code(result: Result<(), StartupError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(%err, "server failed");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -237,5 +244,19 @@ async fn healthcheck(settings: &Settings, url: Option<String>, timeout: Duration
             eprintln!("healthcheck: {url} unreachable: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_exits_zero_after_shutdown_and_one_after_a_failure() {
+        assert_eq!(serve_exit_code(Ok(())), ExitCode::SUCCESS);
+        let failed = Err(StartupError::TaskFailed {
+            task: "redis_listener",
+        });
+        assert_eq!(serve_exit_code(failed), ExitCode::from(1));
     }
 }

@@ -9,14 +9,19 @@
 //! Shutdown happens in two steps so load balancers can react: [`Lifecycle::begin_shutdown`] first
 //! marks the service as *draining* (`/readyz` turns 503 at once), waits the readiness grace, and only
 //! then cancels the token, which stops the listener from accepting and tells every task to finish.
+//!
+//! Tasks the service cannot work without go through [`Lifecycle::spawn_critical`]: if one ends
+//! before shutdown, the lifecycle records the failure and shuts down at once, and the process exits
+//! with an error so the orchestrator restarts it.
 
 use std::{
     collections::BTreeMap,
     future::Future,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::Duration,
 };
 
+use tokio::task::JoinError;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Shared handle to the lifecycle; cheap to clone.
@@ -36,6 +41,8 @@ struct Inner {
     flusher: TaskTracker,
     /// Live tasks by kind, so a drain that times out can say what was still running.
     running: Mutex<BTreeMap<&'static str, usize>>,
+    /// The first critical task that stopped before shutdown.
+    failed: OnceLock<&'static str>,
 }
 
 impl Lifecycle {
@@ -50,6 +57,58 @@ impl Lifecycle {
         F::Output: Send + 'static,
     {
         self.inner.tracker.spawn(self.track(name, task))
+    }
+
+    /// Start a task the service cannot work without (the Redis listener, the admin server...):
+    /// it must run until [`Lifecycle::cancelled`]. If it ends before that, by returning or
+    /// panicking, that is a failure: it is logged with the panic message, counted in
+    /// `relay_task_failures_total{task}`, recorded ([`Lifecycle::failure`]), and the lifecycle is
+    /// cancelled at once, skipping the readiness grace (readiness turns 503 and everything drains).
+    /// The app then stops with an error and the process exits 1.
+    ///
+    /// Why exit rather than restart the task in-process: the listener owns the channel registry,
+    /// so a new listener would start with none of the sessions' subscriptions and every client
+    /// would silently stop receiving. A process restart closes their connections instead; they
+    /// reconnect (to another replica, or to this pod once the orchestrator restarted it) and
+    /// resume with `since` from the stored history.
+    pub fn spawn_critical<F>(&self, name: &'static str, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let task = self.spawn(name, task);
+        let lifecycle = self.clone();
+        // Tracked, so the drain waits for the verdict; not in `running`, where it would only
+        // repeat its task's entry.
+        self.inner.tracker.spawn(async move {
+            let outcome = task.await;
+            // Ending once told to stop is the normal way out.
+            if !lifecycle.is_cancelled() {
+                lifecycle.fail(name, outcome);
+            }
+        });
+    }
+
+    fn fail(&self, task: &'static str, outcome: Result<(), JoinError>) {
+        metrics::counter!("relay_task_failures_total", "task" => task).increment(1);
+        match outcome {
+            Ok(()) => tracing::error!(
+                task,
+                "critical task returned before shutdown; shutting down"
+            ),
+            Err(err) => tracing::error!(
+                task,
+                panic = %panic_message(err),
+                "critical task panicked; shutting down"
+            ),
+        }
+        // Recorded before cancelling, so whoever sees the cancellation also sees why.
+        let _ = self.inner.failed.set(task);
+        self.cancel();
+    }
+
+    /// The critical task whose unexpected end shut the service down, if one did.
+    pub fn failure(&self) -> Option<&'static str> {
+        self.inner.failed.get().copied()
     }
 
     /// Start a task of the flush phase: it keeps running through the drain (requests finishing
@@ -224,6 +283,19 @@ impl Drop for RunningGuard {
     }
 }
 
+/// The panic message of a task that panicked, for the log.
+fn panic_message(err: JoinError) -> String {
+    match err.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(not a string)".to_owned()),
+        // Cancelled: only a runtime shutting down does that, the handle never leaves us.
+        Err(err) => err.to_string(),
+    }
+}
+
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -265,5 +337,51 @@ mod tests {
         lifecycle.cancel();
         assert!(!lifecycle.drain(Duration::from_millis(50)).await);
         assert_eq!(lifecycle.running(), BTreeMap::from([("stubborn", 1)]));
+    }
+
+    /// Waits for the lifecycle to be cancelled, failing the test after a second.
+    async fn expect_cancelled(lifecycle: &Lifecycle) {
+        tokio::time::timeout(Duration::from_secs(1), lifecycle.cancelled())
+            .await
+            .expect("the lifecycle was cancelled");
+    }
+
+    #[tokio::test]
+    async fn critical_task_that_panics_shuts_down_and_is_recorded() {
+        let lifecycle = Lifecycle::new();
+        lifecycle.spawn_critical("doomed", async { panic!("registry invariant broken") });
+        expect_cancelled(&lifecycle).await;
+        assert_eq!(lifecycle.failure(), Some("doomed"));
+        assert!(lifecycle.is_draining());
+        assert!(lifecycle.drain(Duration::from_secs(1)).await);
+    }
+
+    #[tokio::test]
+    async fn critical_task_that_returns_early_is_a_failure_too() {
+        let lifecycle = Lifecycle::new();
+        lifecycle.spawn_critical("quitter", async {});
+        expect_cancelled(&lifecycle).await;
+        assert_eq!(lifecycle.failure(), Some("quitter"));
+    }
+
+    #[tokio::test]
+    async fn critical_task_that_ends_after_cancel_is_no_failure() {
+        let lifecycle = Lifecycle::new();
+        let l = lifecycle.clone();
+        lifecycle.spawn_critical("polite", async move { l.cancelled().await });
+        lifecycle.cancel();
+        assert!(lifecycle.drain(Duration::from_secs(1)).await);
+        assert_eq!(lifecycle.failure(), None);
+    }
+
+    #[tokio::test]
+    async fn ordinary_tasks_may_end_or_panic_without_shutting_down() {
+        let lifecycle = Lifecycle::new();
+        lifecycle.spawn("done", async {}).await.expect("returns");
+        let panicked = lifecycle.spawn("oops", async { panic!("boom") }).await;
+        assert!(panicked.is_err_and(|err| err.is_panic()));
+        assert_eq!(lifecycle.failure(), None);
+        assert!(!lifecycle.is_draining());
+        assert!(!lifecycle.is_cancelled());
     }
 }

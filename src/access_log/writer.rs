@@ -7,7 +7,9 @@
 //!
 //! Shutdown: the batcher ends when every [`super::AccessLog`] handle is gone (all requests and
 //! sessions finished), writes its last partial batch and closes the sink inboxes; each sink task
-//! writes what it holds and ends. Both run in the lifecycle's flush phase.
+//! writes what it holds and ends. Both run in the lifecycle's flush phase, and are not critical
+//! tasks: they end by design once their input closes, and if one dies the entries it would have
+//! written are dropped and counted, which must not take the service down.
 
 use std::{sync::Arc, time::Duration};
 

@@ -138,6 +138,10 @@ fn describe() {
         "relay_access_log_sink_errors_total",
         "Failed access-log sink writes, by sink"
     );
+    describe_counter!(
+        "relay_task_failures_total",
+        "Critical tasks that stopped before shutdown, by task (each one exits the process)"
+    );
     describe_gauge!(
         "relay_db_pool_connections",
         "Postgres pool connections by state"

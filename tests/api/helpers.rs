@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use relay::{
-    app::Application,
+    app::{Application, StartupError},
     config::{LoadOptions, SecretUrl, Settings},
     lifecycle::Lifecycle,
 };
@@ -120,7 +120,8 @@ pub struct TestApp {
     pub db_url: String,
     pub lifecycle: Lifecycle,
     pub http: reqwest::Client,
-    server: Option<tokio::task::JoinHandle<()>>,
+    /// `run_until_stopped`, whose result [`TestApp::wait_stopped`] hands back.
+    server: Option<tokio::task::JoinHandle<Result<(), StartupError>>>,
 }
 
 /// Start relay with default test settings and wait until it is ready.
@@ -197,9 +198,7 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
     let addr = app.local_addr();
     let admin_addr = app.admin_addr();
     let lifecycle = app.lifecycle();
-    let server = tokio::spawn(async move {
-        app.run_until_stopped().await.expect("server runs");
-    });
+    let server = tokio::spawn(app.run_until_stopped());
     TestApp {
         addr,
         admin_addr,
@@ -340,10 +339,21 @@ impl TestApp {
     pub async fn shutdown(&mut self) -> Duration {
         let started = std::time::Instant::now();
         self.lifecycle.cancel();
-        if let Some(server) = self.server.take() {
-            server.await.expect("server task");
+        if let Some(server) = self.server.take()
+            && let Err(err) = server.await.expect("server task")
+        {
+            panic!("server failed: {err}");
         }
         started.elapsed()
+    }
+
+    /// Wait, up to 20 s, for the app to stop by itself, and return how `run_until_stopped` ended.
+    pub async fn wait_stopped(&mut self) -> Result<(), StartupError> {
+        let server = self.server.take().expect("the app is running");
+        tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("the app stopped within 20s")
+            .expect("server task")
     }
 }
 

@@ -1,8 +1,11 @@
-//! Process-level shutdown: the built binary, a real SIGTERM.
+//! Shutdown: the built binary with a real SIGTERM, and the fatal shutdown that follows a
+//! critical task's death.
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::{RelayProcess, create_database};
+use relay::app::StartupError;
+
+use crate::helpers::{Metrics, RelayProcess, create_database, spawn_app_with};
 
 #[tokio::test]
 async fn sigterm_turns_readiness_off_then_exits_zero_within_the_deadline() {
@@ -73,4 +76,98 @@ async fn relay_serve_without_urls_runs_embedded_end_to_end() {
     relay.terminate();
     let status = relay.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn a_dead_critical_task_turns_readiness_off_and_stops_the_app_with_an_error() {
+    // The fatal shutdown skips the readiness grace, so the listener closes at once and only a
+    // /readyz already in flight can answer. To hold one there, the app gets one pooled
+    // connection, which a publish holds while it waits for the test's lock on `channels`: the
+    // readiness check then waits for the pool.
+    let mut app = spawn_app_with(|s| {
+        s.database.max_connections = 1;
+        s.database.acquire_timeout = Duration::from_secs(10);
+        s.health.check_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let pool = app.db_pool().await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE channels IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let publish = tokio::spawn(
+        app.http
+            .post(app.url("/api/v1/channels/held/messages"))
+            .json(&serde_json::json!({"data": 1}))
+            .send(),
+    );
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+        WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let mut blocked = 0;
+    for _ in 0..100 {
+        blocked = sqlx::query_scalar::<_, i64>(waiting)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if blocked > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        blocked > 0,
+        "the publish waits for the lock, holding the pool"
+    );
+    let readyz = tokio::spawn(app.http.get(app.url("/readyz")).send());
+    // Nothing signals that the request reached its handler; on this runtime's one thread half a
+    // second is plenty.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    app.lifecycle
+        .spawn_critical("lifecycle_test_doomed", async {
+            panic!("invariant broken")
+        });
+    tokio::time::timeout(Duration::from_secs(5), app.lifecycle.cancelled())
+        .await
+        .expect("the failure cancels the lifecycle");
+    assert!(app.lifecycle.is_draining());
+    lock.commit().await.unwrap();
+
+    let res = readyz
+        .await
+        .unwrap()
+        .expect("the in-flight /readyz is answered");
+    assert_eq!(res.status(), 503);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["shutting_down"], true, "{body}");
+    let _ = publish.await;
+
+    let err = app
+        .wait_stopped()
+        .await
+        .expect_err("the app stops with an error");
+    assert!(
+        matches!(
+            err,
+            StartupError::TaskFailed {
+                task: "lifecycle_test_doomed"
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "critical task `lifecycle_test_doomed` stopped unexpectedly"
+    );
+    // The admin port is closed now; read the process-wide recorder directly.
+    let metrics = Metrics::parse(&relay::telemetry::metrics::install().render());
+    assert_eq!(
+        metrics.sum(
+            "relay_task_failures_total",
+            &[("task", "lifecycle_test_doomed")]
+        ),
+        1.0
+    );
+    pool.close().await;
 }
