@@ -16,7 +16,9 @@ use crate::{
     config::Settings,
     http,
     lifecycle::Lifecycle,
-    pubsub::{HistorySource, PubSub, PubSubError},
+    core::CoreSettings,
+    history::HistoryReader,
+    pubsub::{PubSub, PubSubError},
     retention,
     state::AppState,
     store::{self, MessageStore, StoreError},
@@ -91,12 +93,12 @@ impl Application {
             settings.server.admin_port,
         ))
         .await?;
-        let history = HistorySource {
-            store: store.clone(),
-            settings: settings.history.clone(),
-            timeout: settings.database.acquire_timeout,
+        let history = HistoryReader::new(store.clone(), settings.database.acquire_timeout);
+        let core = CoreSettings {
+            gap_wait: settings.history.gap_wait,
+            head_check_interval: settings.history.head_check_interval,
         };
-        let pubsub = PubSub::start(&settings.redis, history, &lifecycle)?;
+        let pubsub = PubSub::start(&settings.redis, core, history.clone(), &lifecycle)?;
         lifecycle.spawn_critical(
             "history_retention",
             retention::run(store.clone(), settings.history.clone(), lifecycle.clone()),
@@ -113,6 +115,7 @@ impl Application {
         let state = AppState {
             settings,
             store,
+            history,
             pubsub,
             lifecycle,
             access_log,

@@ -222,9 +222,13 @@ pub struct HistorySettings {
     pub default_page_size: i64,
     /// Largest `limit` the history API accepts.
     pub max_page_size: i64,
-    /// How long a replica waits for a missing offset before filling the gap from Postgres.
+    /// How long a replica waits for a missing offset before subscribers read it from history.
     #[serde(with = "humantime_serde")]
     pub gap_wait: Duration,
+    /// How often each replica compares every active channel's committed head with what it
+    /// delivered, so a lost tail on a quiet channel is found.
+    #[serde(with = "humantime_serde")]
+    pub head_check_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -525,6 +529,7 @@ impl Settings {
         positive("history.ttl", h.ttl)?;
         positive("history.prune_interval", h.prune_interval)?;
         positive("history.gap_wait", h.gap_wait)?;
+        positive("history.head_check_interval", h.head_check_interval)?;
         for (key, value) in [
             ("history.max_per_channel", h.max_per_channel),
             ("history.prune_batch", h.prune_batch),

@@ -1,105 +1,119 @@
-//! History replay for `since` subscriptions, shared by WebSocket and SSE sessions.
+//! [`HistoryReader`]: every read of stored history that delivery needs — the pages a connection
+//! replays, the retained range a `since` subscription announces, the heads the listener checks —
+//! each bounded by a timeout.
 //!
-//! The listener queues a [`Replay`] into the session's outbox at the exact point where live
-//! delivery to it starts (after offset `upto`). The session then sends `subscribed` and the stored
-//! messages `(since, upto]` page by page, before anything queued after the marker, so the client
-//! sees history then live with no gap and no duplicate.
+//! Reads are shared. After a broker outage every subscriber of a channel fills the same range
+//! from the same offset, so pages are keyed by `(channel, window)`: concurrent requests for one
+//! page wait for a single query (moka's `try_get_with` coalesces them), and the encoded frames are
+//! kept for a few seconds, bounded by bytes, for the connections that come a little later. A
+//! page is immutable once its offsets are committed, so sharing it is always correct.
+
+use std::{sync::Arc, time::Duration};
+
+use moka::future::Cache;
 
 use crate::{
     protocol::ServerFrame,
-    pubsub::outbox::Replay,
     store::{MessageStore, StoreError},
 };
 
-/// Messages read per page while replaying.
-const REPLAY_PAGE: i64 = 500;
+/// Encoded pages kept for sharing, in bytes of frame text.
+const PAGE_CACHE_BYTES: u64 = 64 << 20;
+/// How long a page stays shared after it was read.
+const PAGE_TTL: Duration = Duration::from_secs(5);
+/// How long a channel's oldest retained offset is reused (a stale value is safe: a page read
+/// that finds rows missing signals them as a gap).
+const OLDEST_TTL: Duration = Duration::from_secs(1);
 
-/// Reads the rest of a replay page by page.
-pub struct ReplayCursor {
+/// Why history could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+}
+
+/// Messages of one history window, encoded once for every connection that reads it.
+pub type Page = Arc<[ServerFrame]>;
+
+#[derive(Clone)]
+pub struct HistoryReader {
     store: MessageStore,
-    channel: Box<str>,
-    after: i64,
-    upto: i64,
+    timeout: Duration,
+    pages: Cache<(Arc<str>, i64, i64), Page>,
+    oldest: Cache<Arc<str>, i64>,
 }
 
-/// Begin a replay: the frames to send first (`subscribed`, or an error and `subscribed` when
-/// history cannot be read) and, if there is history to send, the cursor over it.
-pub async fn start_replay(
-    store: &MessageStore,
-    replay: &Replay,
-) -> (Vec<ServerFrame>, Option<ReplayCursor>) {
-    let Replay {
-        channel,
-        since,
-        upto,
-    } = replay;
-    match store.position(channel).await {
-        Ok(position) => {
-            // Complete when nothing after `since` was pruned and `since` is not in the future.
-            let recovered = *since + 1 >= position.oldest_offset && since <= upto;
-            let subscribed = ServerFrame::subscribed_recovering(
-                channel,
-                *upto,
-                recovered,
-                position.oldest_offset,
-            );
-            let cursor = (since < upto).then(|| ReplayCursor {
-                store: store.clone(),
-                channel: channel.clone(),
-                after: *since,
-                upto: *upto,
-            });
-            (vec![subscribed], cursor)
-        }
-        Err(err) => {
-            tracing::warn!(%err, channel = &**channel, "cannot read history for a since-subscription");
-            let frames = vec![
-                ServerFrame::error(
-                    "history_unavailable",
-                    &format!("cannot replay `{channel}`: history is unavailable"),
-                ),
-                ServerFrame::subscribed_recovering(channel, *upto, false, upto + 1),
-            ];
-            (frames, None)
+impl HistoryReader {
+    /// `timeout` bounds each read (the pool's acquire wait included).
+    pub fn new(store: MessageStore, timeout: Duration) -> Self {
+        let pages = Cache::builder()
+            .max_capacity(PAGE_CACHE_BYTES)
+            .weigher(|_, page: &Page| {
+                let bytes: usize = page.iter().map(|f| f.text.len()).sum();
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .time_to_live(PAGE_TTL)
+            .build();
+        let oldest = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(OLDEST_TTL)
+            .build();
+        Self {
+            store,
+            timeout,
+            pages,
+            oldest,
         }
     }
-}
 
-impl ReplayCursor {
-    /// The next page of stored messages, or None when the replay is complete.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<ServerFrame>>, StoreError> {
-        if self.after >= self.upto {
-            return Ok(None);
+    async fn bounded<T>(
+        &self,
+        read: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, HistoryError> {
+        match tokio::time::timeout(self.timeout, read).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(HistoryError::Store(Arc::new(err))),
+            Err(_) => Err(HistoryError::Timeout(self.timeout)),
         }
-        let rows = self
-            .store
-            .read_range(&self.channel, self.after, self.upto, REPLAY_PAGE)
-            .await?;
-        let Some(last) = rows.last() else {
-            self.after = self.upto;
-            return Ok(None);
-        };
-        self.after = if (rows.len() as i64) < REPLAY_PAGE {
-            self.upto
-        } else {
-            last.offset
-        };
-        Ok(Some(
-            rows.iter()
-                .map(|m| ServerFrame::message(&self.channel, &m.data, Some(m.offset)))
-                .collect(),
-        ))
     }
 
-    /// The error frame to send when a page cannot be read: the client must resubscribe.
-    pub fn failure_frame(&self, err: &StoreError) -> ServerFrame {
-        tracing::warn!(%err, channel = &*self.channel, "history replay interrupted");
-        ServerFrame::error(
-            "history_unavailable",
-            &format!(
-                "replay of `{}` interrupted after offset {}; subscribe again with since",
-                self.channel, self.after
-            ),
-        )
+    /// Stored messages with offsets in `after+1..=end` (a window of at most a page).
+    pub async fn page(&self, channel: &Arc<str>, (after, end): (i64, i64)) -> Result<Page, HistoryError> {
+        let read = async {
+            let limit = end.saturating_sub(after).max(1);
+            let rows = self
+                .bounded(self.store.read_range(channel, after, end, limit))
+                .await?;
+            metrics::counter!("relay_history_pages_read_total").increment(1);
+            Ok::<_, HistoryError>(
+                rows.iter()
+                    .map(|m| ServerFrame::message(channel, &m.data, Some(m.offset)))
+                    .collect::<Page>(),
+            )
+        };
+        self.pages
+            .try_get_with((Arc::clone(channel), after, end), read)
+            .await
+            .map_err(|err| (*err).clone())
+    }
+
+    /// The oldest offset `channel` still retains (`last + 1` when none is).
+    pub async fn oldest(&self, channel: &Arc<str>) -> Result<i64, HistoryError> {
+        let read = async {
+            let position = self.bounded(self.store.position(channel)).await?;
+            Ok::<_, HistoryError>(position.oldest_offset)
+        };
+        self.oldest
+            .try_get_with(Arc::clone(channel), read)
+            .await
+            .map_err(|err| (*err).clone())
+    }
+
+    /// The committed head of each channel, in input order.
+    pub async fn heads(&self, channels: &[Arc<str>]) -> Result<Vec<i64>, HistoryError> {
+        let names: Vec<&str> = channels.iter().map(|c| &**c).collect();
+        self.bounded(self.store.heads(&names)).await
     }
 }

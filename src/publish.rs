@@ -1,9 +1,10 @@
 //! The publish path, shared by `POST /api/v1/channels/{channel}/messages` and the WebSocket
 //! `publish` frame: commit to Postgres first (which assigns the offset), PUBLISH to Redis after.
 //!
-//! Once [`publish`] returns Ok the message is durable. If the PUBLISH fails, it is retried in the
-//! background; subscribers also recover it through gap fill or the listener's catch-up, so it is
-//! delivered late rather than lost.
+//! Once [`publish`] returns Ok the message is durable. The PUBLISH belongs to the service, not to
+//! the request: it is handed to the publisher task, which retries it, so it survives the request
+//! being dropped (timeout, client disconnect). If it is abandoned anyway, every replica's head
+//! check finds the offset and subscribers read it from history: delivered late, never lost.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -30,7 +31,7 @@ pub async fn publish(
     async {
         let (id, created_at) = state.store.append(channel, data).await?;
         tracing::Span::current().record("id", id);
-        state.pubsub.publish_committed(channel, data, id).await;
+        state.pubsub.publish_committed(channel, data, id);
         Ok(Published {
             channel: channel.to_owned(),
             id,

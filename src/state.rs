@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use crate::{
-    access_log::AccessLog, config::Settings, lifecycle::Lifecycle, pubsub::PubSub,
+    access_log::AccessLog, config::Settings, history::HistoryReader, lifecycle::Lifecycle,
+    pubsub::PubSub,
     store::MessageStore,
 };
 
@@ -15,6 +16,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Message history: Postgres, or memory in embedded mode.
     pub store: MessageStore,
+    /// Shared, bounded reads of history for delivery (replays, gap fills, head checks).
+    pub history: HistoryReader,
     pub pubsub: PubSub,
     pub lifecycle: Lifecycle,
     pub access_log: AccessLog,

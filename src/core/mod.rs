@@ -179,6 +179,11 @@ impl<T: Subscriber> Core<T> {
         self.connected
     }
 
+    /// Whether messages of `channel` matter to this replica (someone subscribed or subscribing).
+    pub fn is_tracked(&self, channel: &str) -> bool {
+        self.channels.contains_key(channel)
+    }
+
     pub fn channel_count(&self) -> usize {
         self.channels.len()
     }

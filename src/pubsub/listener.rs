@@ -1,21 +1,22 @@
-//! The listener: one task per replica that owns the dedicated pub/sub connection (Redis, or the
-//! in-process broker of embedded mode; see [`super::broker`]).
+//! The listener: the thin I/O shell around the delivery [`Core`], one per replica.
 //!
-//! It SUBSCRIBEs a channel when the first local session subscribes and UNSUBSCRIBEs when the last
-//! one leaves (never PSUBSCRIBE to everything), turns every Redis message into one encoded frame
-//! and fans it out through the [`ChannelRegistry`]. Sessions talk to it only through a bounded
-//! command queue, so the registry has a single owner and needs no lock.
+//! Three tasks, joined by bounded queues, so that nothing in the fan-out path ever awaits Redis
+//! or Postgres:
 //!
-//! Messages carrying an offset go through the channel's [`Sequencer`]: duplicates are dropped,
-//! reordering is undone, and gaps are filled from Postgres, so subscribers see consecutive
-//! offsets.
-//!
-//! If the connection drops, the listener keeps serving commands (answering subscribes with
-//! `unavailable`), reconnects with exponential backoff and jitter, resubscribes every channel
-//! that still has local subscribers, and catches each one up from Postgres, so clients that stayed
-//! connected through the outage miss nothing that was committed meanwhile.
+//! * the **core task** owns the [`Core`] (channel registry, sequencing, recovery decisions). It
+//!   takes [`Event`]s from one inbox — session commands, broker messages, I/O answers — fans
+//!   messages out, and hands the I/O the core asks for to the two tasks below with `try_send`
+//!   (what does not fit waits in a backlog bounded by the number of channels).
+//! * the **broker task** owns the pub/sub connection (Redis, or the in-process broker): it
+//!   connects with backoff, forwards every received message to the inbox, and runs
+//!   SUBSCRIBE/UNSUBSCRIBE. If the inbox stays full for [`INGEST_STALL`] it drops the connection
+//!   rather than let the driver buffer without bound; the reconnect's head checks recover what
+//!   was lost from history.
+//! * the **heads task** reads channels' committed heads from history (subscribe positions,
+//!   resynchronisation after a reconnect, the periodic tail check).
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,41 +24,46 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::{
-    config::{HistorySettings, RedisSettings},
+    config::RedisSettings,
+    core::{Action, Core, CoreSettings, Stats},
+    history::HistoryReader,
     lifecycle::Lifecycle,
     protocol::{Envelope, ServerFrame},
-    store::messages::StoredMessage,
     telemetry::otel,
 };
 
 use super::{
     PubSubError,
     broker::{Incoming, Sink, Source, Stream},
-    outbox::{Outgoing, Replay, SessionOutbox},
-    registry::{ChannelRegistry, FanOut},
-    sequencer::Sequencer,
+    outbox::SessionOutbox,
 };
 
-/// Rows read per query when catching up after a reconnect or filling a gap.
-const CATCH_UP_PAGE: i64 = 1000;
+/// Events waiting for the core task. Senders wait when it is full: sessions (backpressure on
+/// subscribing, counted) and the broker reader (up to [`INGEST_STALL`]).
+pub const INBOX: usize = 8192;
+/// Subscription commands waiting for the broker task.
+const CONTROL_QUEUE: usize = 1024;
+/// Head reads waiting for the heads task (each is a batch of channels).
+const HEADS_QUEUE: usize = 64;
+/// Events the core task handles before it looks at timers and I/O again.
+const BATCH: usize = 256;
+/// How long the broker reader waits for room in a full inbox before it gives up the
+/// connection (and with it the driver's unbounded buffer).
+pub const INGEST_STALL: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE command when resubscribing after a reconnect.
+const SUBSCRIBE_CHUNK: usize = 512;
 
-/// Requests from sessions to the listener.
+/// Everything the core task reacts to.
 #[derive(Debug)]
-pub enum Command {
-    /// Add the outbox to the channel once Redis confirmed the subscription, then queue
-    /// `subscribed` (or a replay, or an `unavailable` error frame) into it.
+pub enum Event {
     Subscribe {
         channel: Box<str>,
         outbox: Arc<SessionOutbox>,
-        /// Replay stored messages after this offset before live ones.
         since: Option<i64>,
-        /// Ok carries the offset live delivery continues after.
-        reply: oneshot::Sender<Result<i64, PubSubError>>,
     },
-    /// Remove the outbox from the channel and queue `unsubscribed` into it.
     Unsubscribe {
         channel: Box<str>,
         outbox: Arc<SessionOutbox>,
@@ -67,6 +73,16 @@ pub enum Command {
         channels: Vec<Box<str>>,
         outbox: Arc<SessionOutbox>,
     },
+    Connected,
+    Disconnected,
+    Message(Incoming),
+    Subscribed {
+        channels: Vec<Arc<str>>,
+        ok: bool,
+    },
+    Heads(Vec<(Arc<str>, Option<i64>)>),
+    /// Test hook: make the core task panic, to prove supervision.
+    Panic,
 }
 
 /// Shared, read-only view of the listener for readiness checks.
@@ -79,270 +95,146 @@ impl ListenerStatus {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
+
+    fn set(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
 }
 
-/// What the listener reads history from.
-#[derive(Clone)]
-pub struct HistorySource {
-    pub store: crate::store::MessageStore,
-    pub settings: HistorySettings,
-    /// Upper bound for one Postgres read.
-    pub timeout: Duration,
-}
-
+/// The queues between the three tasks; created by [`start`].
 pub struct Listener {
+    pub inbox: mpsc::Sender<Event>,
+    pub status: Arc<ListenerStatus>,
+}
+
+/// Start the core, broker and heads tasks.
+pub fn start(
     source: Source,
     settings: RedisSettings,
-    history: HistorySource,
-    registry: ChannelRegistry,
-    commands: mpsc::Receiver<Command>,
-    status: Arc<ListenerStatus>,
-    lifecycle: Lifecycle,
-    sink: Option<Sink>,
-    /// Channels left without subscribers by fan-out pruning, to UNSUBSCRIBE.
-    orphaned: Vec<Box<str>>,
-    invalid_payloads: RateLimitedWarning,
+    core: CoreSettings,
+    history: HistoryReader,
+    lifecycle: &Lifecycle,
+) -> Listener {
+    let (inbox, inbox_rx) = mpsc::channel(INBOX);
+    let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (heads, heads_rx) = mpsc::channel(HEADS_QUEUE);
+    let status = Arc::new(ListenerStatus::default());
+    let core_task = CoreTask {
+        core: Core::new(core),
+        inbox: inbox_rx,
+        control,
+        heads,
+        backlog: VecDeque::new(),
+        prefix: settings.channel_prefix.clone(),
+        invalid_payloads: RateLimitedWarning::new(Duration::from_secs(10)),
+        lifecycle: lifecycle.clone(),
+    };
+    lifecycle.spawn_critical("pubsub_core", core_task.run());
+    let broker = BrokerTask {
+        source,
+        settings,
+        inbox: inbox.clone(),
+        control: control_rx,
+        status: Arc::clone(&status),
+        lifecycle: lifecycle.clone(),
+    };
+    lifecycle.spawn_critical("pubsub_broker", broker.run());
+    lifecycle.spawn_critical(
+        "pubsub_heads",
+        read_heads(history, heads_rx, inbox.clone(), lifecycle.clone()),
+    );
+    Listener { inbox, status }
 }
 
-impl Listener {
-    pub fn new(
-        source: Source,
-        settings: RedisSettings,
-        history: HistorySource,
-        commands: mpsc::Receiver<Command>,
-        status: Arc<ListenerStatus>,
-        lifecycle: Lifecycle,
-    ) -> Self {
-        Self {
-            source,
-            settings,
-            history,
-            registry: ChannelRegistry::new(),
-            commands,
-            status,
-            lifecycle,
-            sink: None,
-            orphaned: Vec::new(),
-            invalid_payloads: RateLimitedWarning::new(Duration::from_secs(10)),
-        }
-    }
+/// A subscription command for the broker task.
+#[derive(Debug)]
+enum Control {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+}
 
-    pub async fn run(mut self) {
-        let mut stream: Option<Stream> = None;
-        let mut backoff = Backoff::new(
-            self.settings.reconnect_min_delay,
-            self.settings.reconnect_max_delay,
-        );
-        let mut reconnect_at = tokio::time::Instant::now();
-        let mut ever_connected = false;
+struct CoreTask {
+    core: Core<SessionOutbox>,
+    inbox: mpsc::Receiver<Event>,
+    control: mpsc::Sender<Control>,
+    heads: mpsc::Sender<Vec<Arc<str>>>,
+    /// Actions the I/O queues had no room for yet; at most a few per channel.
+    backlog: VecDeque<Action>,
+    prefix: String,
+    invalid_payloads: RateLimitedWarning,
+    lifecycle: Lifecycle,
+}
+
+impl CoreTask {
+    async fn run(mut self) {
         loop {
-            let connected = stream.is_some();
-            let next_gap = self.registry.next_gap().map(|(deadline, _)| deadline);
+            let deadline = self.core.next_deadline();
+            let backlogged = !self.backlog.is_empty();
             tokio::select! {
                 _ = self.lifecycle.cancelled() => break,
-                command = self.commands.recv() => match command {
-                    Some(command) => self.handle(command).await,
+                event = self.inbox.recv() => match event {
+                    Some(event) => self.handle(event),
                     None => break,
                 },
-                msg = next_message(&mut stream), if connected => match msg {
-                    Some(msg) => self.on_message(msg.channel(), msg.payload()),
-                    None => {
-                        tracing::warn!("Redis pub/sub connection lost; reconnecting");
-                        self.sink = None;
-                    }
-                },
-                _ = sleep_until_opt(next_gap) => self.fill_due_gaps().await,
-                _ = tokio::time::sleep_until(reconnect_at), if !connected => {
-                    match self.connect().await {
-                        Ok(new_stream) => {
-                            stream = Some(new_stream);
-                            backoff.reset();
-                            if ever_connected {
-                                metrics::counter!("relay_redis_reconnects_total").increment(1);
-                                tracing::info!(channels = self.registry.channel_count(), "Redis pub/sub reconnected and resubscribed");
-                                self.catch_up_all().await;
-                            } else {
-                                tracing::info!("Redis pub/sub listener connected");
-                            }
-                            ever_connected = true;
-                        }
-                        Err(err) => {
-                            let delay = backoff.next_delay();
-                            tracing::warn!(%err, retry_in = ?delay, "Redis pub/sub connect failed");
-                            reconnect_at = tokio::time::Instant::now() + delay;
-                        }
-                    }
+                _ = sleep_until_opt(deadline) => {}
+                // The I/O queues were full: try again shortly.
+                _ = tokio::time::sleep(Duration::from_millis(10)), if backlogged => {}
+            }
+            for _ in 1..BATCH {
+                match self.inbox.try_recv() {
+                    Ok(event) => self.handle(event),
+                    Err(_) => break,
                 }
             }
-            if !self.orphaned.is_empty() {
-                self.release_orphaned().await;
+            let now = Instant::now();
+            if self.core.next_deadline().is_some_and(|d| d <= now) {
+                self.core.tick(now);
             }
-            // A failed command drops the sink; make the stream follow so we reconnect.
-            if self.sink.is_none() && stream.is_some() {
-                stream = None;
-            }
-            if stream.is_none() && self.status.is_connected() {
-                self.status.connected.store(false, Ordering::Relaxed);
-                reconnect_at = tokio::time::Instant::now() + backoff.next_delay();
-            }
-            self.publish_gauges();
+            self.dispatch();
+            record(self.core.take_stats());
+            metrics::gauge!("relay_redis_channels").set(self.core.channel_count() as f64);
+            metrics::gauge!("relay_subscriptions").set(self.core.subscription_count() as f64);
         }
-        self.status.connected.store(false, Ordering::Relaxed);
-        tracing::debug!("Redis listener stopped");
+        tracing::debug!("pub/sub core stopped");
     }
 
-    /// Connect and resubscribe every channel that has local subscribers.
-    async fn connect(&mut self) -> Result<Stream, PubSubError> {
-        let (mut sink, stream) =
-            tokio::time::timeout(self.settings.connect_timeout, self.source.connect())
-                .await
-                .map_err(|_| PubSubError::Timeout)??;
-        let channels: Vec<String> = self
-            .registry
-            .channels()
-            .map(|c| self.redis_channel(c))
-            .collect();
-        for chunk in channels.chunks(512) {
-            self.with_timeout(sink.subscribe(chunk)).await?;
-        }
-        self.sink = Some(sink);
-        self.status.connected.store(true, Ordering::Relaxed);
-        Ok(stream)
-    }
-
-    async fn with_timeout<T>(
-        &self,
-        fut: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, PubSubError> {
-        Ok(tokio::time::timeout(self.settings.command_timeout, fut)
-            .await
-            .map_err(|_| PubSubError::Timeout)??)
-    }
-
-    fn redis_channel(&self, channel: &str) -> String {
-        format!("{}{}", self.settings.channel_prefix, channel)
-    }
-
-    async fn handle(&mut self, command: Command) {
-        match command {
-            Command::Subscribe {
+    fn handle(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Subscribe {
                 channel,
                 outbox,
                 since,
-                reply,
-            } => {
-                let result = self.subscribe(&channel, &outbox).await;
-                match (&result, since) {
-                    (Ok(last), None) => {
-                        outbox.push(ServerFrame::subscribed(&channel, *last));
-                    }
-                    (Ok(last), Some(since)) => {
-                        outbox.push(Outgoing::Replay(Box::new(Replay {
-                            channel: channel.clone(),
-                            since,
-                            upto: *last,
-                        })));
-                    }
-                    (Err(err), _) => {
-                        outbox.push(ServerFrame::error(
-                            "unavailable",
-                            &format!("cannot subscribe to `{channel}` right now: {err}"),
-                        ));
-                    }
-                }
-                // The session may have gone meanwhile; nothing to do then.
-                let _ = reply.send(result);
-            }
-            Command::Unsubscribe { channel, outbox } => {
-                if self.registry.remove(&channel, &outbox) {
-                    self.unsubscribe_redis(&channel).await;
-                }
-                outbox.push(ServerFrame::unsubscribed(&channel));
-            }
-            Command::Leave { channels, outbox } => {
+            } => self.core.subscribe(&channel, &outbox, since),
+            Event::Unsubscribe { channel, outbox } => self.core.unsubscribe(&channel, &outbox),
+            Event::Leave { channels, outbox } => {
                 outbox.close();
+                self.core.leave(&channels, &outbox);
+            }
+            Event::Connected => {
+                self.backlog.clear();
+                self.core.broker_up(now);
+            }
+            Event::Disconnected => {
+                self.backlog.clear();
+                self.core.broker_down();
+            }
+            Event::Message(msg) => self.on_message(msg.channel(), msg.payload(), now),
+            Event::Subscribed { channels, ok } => {
                 for channel in channels {
-                    if self.registry.remove(&channel, &outbox) {
-                        self.unsubscribe_redis(&channel).await;
-                    }
+                    self.core.subscribe_result(&channel, ok);
                 }
             }
+            Event::Heads(heads) => self.core.heads(heads, now),
+            Event::Panic => panic!("test hook: pub/sub core panic requested"),
         }
     }
 
-    /// Make sure Redis delivers the channel and its sequencer is initialised, then add the
-    /// outbox. Returns the offset live delivery to this outbox continues after.
-    async fn subscribe(
-        &mut self,
-        channel: &str,
-        outbox: &Arc<SessionOutbox>,
-    ) -> Result<i64, PubSubError> {
-        if outbox.is_closed() {
-            return Err(PubSubError::SessionClosed);
-        }
-        if !self.registry.has_subscribers(channel) {
-            let redis_channel = self.redis_channel(channel);
-            let Some(mut sink) = self.sink.clone() else {
-                return Err(PubSubError::Disconnected);
-            };
-            if let Err(err) = self
-                .with_timeout(sink.subscribe(std::slice::from_ref(&redis_channel)))
-                .await
-            {
-                // The connection is in an unknown state; start over.
-                self.sink = None;
-                return Err(err);
-            }
-            // Read the head only now that Redis delivers: anything committed later arrives
-            // live, anything earlier is history. Either way nothing falls in between.
-            let position = self.history.store.position(channel);
-            let last = match tokio::time::timeout(self.history.timeout, position).await {
-                Ok(Ok(position)) => position.last_offset,
-                Ok(Err(err)) => {
-                    return Err(self.abandon(channel, PubSubError::History(err.to_string())));
-                }
-                Err(_) => {
-                    return Err(self.abandon(
-                        channel,
-                        PubSubError::History("Postgres did not answer in time".into()),
-                    ));
-                }
-            };
-            self.registry.open(
-                channel,
-                Sequencer::new(last, self.history.settings.gap_wait),
-            );
-        }
-        self.registry.add(channel, outbox);
-        Ok(self
-            .registry
-            .sequencer(channel)
-            .map(Sequencer::last)
-            .unwrap_or_default())
-    }
-
-    /// A subscribe failed after SUBSCRIBE: release the Redis subscription again.
-    fn abandon(&mut self, channel: &str, err: PubSubError) -> PubSubError {
-        self.orphaned.push(channel.into());
-        err
-    }
-
-    async fn unsubscribe_redis(&mut self, channel: &str) {
-        let Some(mut sink) = self.sink.clone() else {
-            return; // Not connected: the reconnect only resubscribes channels still in use.
-        };
-        let redis_channel = self.redis_channel(channel);
-        if let Err(err) = self.with_timeout(sink.unsubscribe(&redis_channel)).await {
-            tracing::warn!(%err, channel, "UNSUBSCRIBE failed; reconnecting");
-            self.sink = None;
-        }
-    }
-
-    fn on_message(&mut self, full_channel: &str, payload: &[u8]) {
-        let Some(channel) = full_channel.strip_prefix(&*self.settings.channel_prefix) else {
+    fn on_message(&mut self, full_channel: &str, payload: &[u8], now: Instant) {
+        let Some(channel) = full_channel.strip_prefix(&*self.prefix) else {
             return;
         };
-        if !self.registry.has_subscribers(channel) {
+        if !self.core.is_tracked(channel) {
             return; // Arrived right after the last local subscriber left.
         }
         let envelope = match Envelope::parse(payload) {
@@ -364,177 +256,242 @@ impl Listener {
                 .max(0);
             metrics::histogram!("relay_listener_lag_seconds").record(lag_us as f64 / 1e6);
         }
+        let id = envelope.offset();
         // Join the publisher's trace when it sent one (only then: spans per message cost).
         let span = envelope.traceparent.as_deref().map(|traceparent| {
-            let span = tracing::info_span!("fan_out", channel, id = envelope.id);
+            let span = tracing::info_span!("fan_out", channel, id);
             otel::set_parent_from_traceparent(&span, traceparent);
             span
         });
         let _entered = span.as_ref().map(tracing::Span::enter);
-        let frame = ServerFrame::message(channel, envelope.data, envelope.id);
-        let result = match envelope.id {
-            Some(id) => {
-                let (result, duplicate) =
-                    self.registry
-                        .deliver_sequenced(channel, id, frame, Instant::now());
-                if duplicate {
-                    metrics::counter!("relay_duplicates_dropped_total").increment(1);
-                    metrics::counter!("relay_messages_dropped_total", "reason" => "duplicate")
-                        .increment(1);
-                }
-                result
-            }
-            None => self.registry.fan_out(channel, &frame),
-        };
-        self.account(channel, result);
+        let frame = ServerFrame::message(channel, envelope.data, id);
+        self.core.message(channel, id, frame, now);
     }
 
-    fn account(&mut self, channel: &str, result: FanOut) {
-        metrics::counter!("relay_messages_delivered_total").increment(result.delivered as u64);
-        if result.overflowed > 0 {
-            metrics::counter!("relay_slow_consumer_disconnects_total")
-                .increment(result.overflowed as u64);
-            metrics::counter!("relay_messages_dropped_total", "reason" => "slow_consumer")
-                .increment(result.overflowed as u64);
-        }
-        if result.rejected > 0 {
-            metrics::counter!("relay_messages_dropped_total", "reason" => "subscriber_gone")
-                .increment(result.rejected as u64);
-        }
-        if result.now_empty {
-            // Pruning removed the last (departed) subscriber. Unsubscribing needs an `.await`,
-            // which the main loop does right after this step.
-            self.orphaned.push(channel.into());
-        }
-    }
-
-    async fn read_stored(
-        &self,
-        channel: &str,
-        after: i64,
-        upto: i64,
-    ) -> Result<Vec<StoredMessage>, PubSubError> {
-        let read = self
-            .history
-            .store
-            .read_range(channel, after, upto, CATCH_UP_PAGE);
-        match tokio::time::timeout(self.history.timeout, read).await {
-            Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(err)) => Err(PubSubError::History(err.to_string())),
-            Err(_) => Err(PubSubError::History(
-                "Postgres did not answer in time".to_owned(),
-            )),
-        }
-    }
-
-    /// Fill every gap whose wait is over from Postgres.
-    async fn fill_due_gaps(&mut self) {
-        let now = Instant::now();
-        while let Some((deadline, channel)) = self.registry.next_gap() {
-            if deadline > now {
-                break;
-            }
-            let channel: Box<str> = channel.into();
-            let Some((after, upto)) = self
-                .registry
-                .sequencer(&channel)
-                .and_then(Sequencer::gap_range)
-            else {
-                break;
+    /// Hand the core's I/O requests to the broker and heads tasks, never waiting.
+    fn dispatch(&mut self) {
+        while let Some(action) = self.backlog.pop_front().or_else(|| self.core.poll_action()) {
+            let sent = match action {
+                Action::Subscribe(channel) => self
+                    .control
+                    .try_send(Control::Subscribe(channel))
+                    .map_err(|e| match e.into_inner() {
+                        Control::Subscribe(c) => Action::Subscribe(c),
+                        Control::Unsubscribe(c) => Action::Unsubscribe(c),
+                    }),
+                Action::Unsubscribe(channel) => self
+                    .control
+                    .try_send(Control::Unsubscribe(channel))
+                    .map_err(|e| match e.into_inner() {
+                        Control::Subscribe(c) => Action::Subscribe(c),
+                        Control::Unsubscribe(c) => Action::Unsubscribe(c),
+                    }),
+                Action::ReadHeads(channels) => self
+                    .heads
+                    .try_send(channels)
+                    .map_err(|e| Action::ReadHeads(e.into_inner())),
             };
-            match self.read_stored(&channel, after, upto).await {
-                Ok(rows) => {
-                    let frames = rows
-                        .iter()
-                        .map(|m| {
-                            (
-                                m.offset,
-                                ServerFrame::message(&channel, &m.data, Some(m.offset)),
-                            )
-                        })
-                        .collect();
-                    let (result, skipped) =
-                        self.registry.fill_gap(&channel, frames, Instant::now());
-                    metrics::counter!("relay_gap_fills_total").increment(1);
-                    if skipped {
-                        metrics::counter!("relay_gaps_skipped_total").increment(1);
-                        tracing::warn!(
-                            channel = &*channel,
-                            after,
-                            upto,
-                            "offsets missing from history too; skipped"
-                        );
-                    }
-                    self.account(&channel, result);
-                }
-                Err(err) => {
-                    tracing::warn!(channel = &*channel, %err, "gap fill failed; retrying");
-                    self.registry.postpone_gap(&channel, Instant::now());
-                }
+            if let Err(action) = sent {
+                metrics::counter!("relay_listener_io_backlog_total").increment(1);
+                self.backlog.push_front(action);
+                return;
             }
         }
     }
+}
 
-    /// After a reconnect, deliver what was committed while the listener was not receiving.
-    async fn catch_up_all(&mut self) {
-        let channels: Vec<Box<str>> = self.registry.channels().map(Into::into).collect();
-        for channel in channels {
-            while let Some(after) = self.registry.sequencer(&channel).map(Sequencer::last) {
-                let rows = match self.read_stored(&channel, after, i64::MAX).await {
-                    Ok(rows) => rows,
-                    Err(err) => {
-                        tracing::warn!(channel = &*channel, %err, "catch-up after reconnect failed");
+/// The core's counters, into metrics.
+fn record(stats: Stats) {
+    if stats == Stats::default() {
+        return;
+    }
+    metrics::counter!("relay_messages_delivered_total").increment(stats.delivered);
+    if stats.slow_consumers > 0 {
+        metrics::counter!("relay_slow_consumer_disconnects_total").increment(stats.slow_consumers);
+        metrics::counter!("relay_messages_dropped_total", "reason" => "slow_consumer")
+            .increment(stats.slow_consumers);
+    }
+    if stats.subscribers_gone > 0 {
+        metrics::counter!("relay_messages_dropped_total", "reason" => "subscriber_gone")
+            .increment(stats.subscribers_gone);
+    }
+    if stats.duplicates > 0 {
+        metrics::counter!("relay_duplicates_dropped_total").increment(stats.duplicates);
+        metrics::counter!("relay_messages_dropped_total", "reason" => "duplicate")
+            .increment(stats.duplicates);
+    }
+    if stats.gaps > 0 {
+        metrics::counter!("relay_gaps_declared_total").increment(stats.gaps);
+    }
+}
+
+struct BrokerTask {
+    source: Source,
+    settings: RedisSettings,
+    inbox: mpsc::Sender<Event>,
+    control: mpsc::Receiver<Control>,
+    status: Arc<ListenerStatus>,
+    lifecycle: Lifecycle,
+}
+
+impl BrokerTask {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(
+            self.settings.reconnect_min_delay,
+            self.settings.reconnect_max_delay,
+        );
+        let mut ever_connected = false;
+        loop {
+            let connect = tokio::time::timeout(self.settings.connect_timeout, self.source.connect());
+            let connected = tokio::select! {
+                _ = self.lifecycle.cancelled() => break,
+                result = connect => result.map_err(|_| PubSubError::Timeout).and_then(|r| r),
+            };
+            let (sink, stream) = match connected {
+                Ok(connection) => connection,
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%err, retry_in = ?delay, "broker connect failed");
+                    if self.pause(delay).await {
                         break;
                     }
-                };
-                let count = rows.len();
-                for m in rows {
-                    let frame = ServerFrame::message(&channel, &m.data, Some(m.offset));
-                    let (result, _) =
-                        self.registry
-                            .deliver_sequenced(&channel, m.offset, frame, Instant::now());
-                    self.account(&channel, result);
+                    continue;
                 }
-                if count > 0 {
-                    metrics::counter!("relay_catch_up_messages_total").increment(count as u64);
-                    tracing::info!(
-                        channel = &*channel,
-                        count,
-                        "caught up from Postgres after reconnect"
-                    );
+            };
+            backoff.reset();
+            // Commands queued for the previous connection are moot: the core resubscribes.
+            while self.control.try_recv().is_ok() {}
+            self.status.set(true);
+            if ever_connected {
+                metrics::counter!("relay_redis_reconnects_total").increment(1);
+                tracing::info!("broker reconnected; resubscribing and checking every channel's head");
+            } else {
+                tracing::info!("pub/sub listener connected");
+            }
+            ever_connected = true;
+            if self.inbox.send(Event::Connected).await.is_err() {
+                break;
+            }
+            let reason = self.serve(sink, stream).await;
+            self.status.set(false);
+            let Some(reason) = reason else { break };
+            tracing::warn!(reason, "broker connection lost; reconnecting");
+            if self.inbox.send(Event::Disconnected).await.is_err() {
+                break;
+            }
+            if self.pause(backoff.next_delay()).await {
+                break;
+            }
+        }
+        self.status.set(false);
+        tracing::debug!("broker task stopped");
+    }
+
+    /// Sleep, or return true if shutdown started meanwhile.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.lifecycle.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
+        }
+    }
+
+    /// Move messages and commands until the connection fails (`Some(reason)`) or shutdown.
+    async fn serve(&mut self, mut sink: Sink, mut stream: Stream) -> Option<&'static str> {
+        loop {
+            tokio::select! {
+                _ = self.lifecycle.cancelled() => return None,
+                msg = stream.next() => {
+                    let Some(msg) = msg else { return Some("connection closed") };
+                    match tokio::time::timeout(INGEST_STALL, self.inbox.send(Event::Message(msg))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return None,
+                        Err(_) => {
+                            metrics::counter!("relay_listener_ingest_stalls_total").increment(1);
+                            return Some("the core fell behind; dropping the connection to bound buffering");
+                        }
+                    }
                 }
-                if (count as i64) < CATCH_UP_PAGE {
-                    break;
+                command = self.control.recv() => {
+                    let Some(command) = command else { return None };
+                    if let Err(err) = self.execute(&mut sink, command).await {
+                        tracing::warn!(%err, "subscription command failed");
+                        return Some("subscription command failed");
+                    }
                 }
             }
         }
     }
 
-    /// UNSUBSCRIBE channels whose last subscriber was pruned during fan-out.
-    async fn release_orphaned(&mut self) {
-        while let Some(channel) = self.orphaned.pop() {
-            if !self.registry.has_subscribers(&channel) {
-                self.unsubscribe_redis(&channel).await;
+    /// Run `first` and every command queued behind it, SUBSCRIBEs in batches.
+    async fn execute(&mut self, sink: &mut Sink, first: Control) -> Result<(), PubSubError> {
+        let mut next = Some(first);
+        let mut subscribe: Vec<Arc<str>> = Vec::new();
+        while let Some(command) = next.take() {
+            match command {
+                Control::Subscribe(channel) => subscribe.push(channel),
+                Control::Unsubscribe(channel) => {
+                    self.subscribe(sink, std::mem::take(&mut subscribe)).await?;
+                    let name = format!("{}{}", self.settings.channel_prefix, channel);
+                    self.bounded(sink.unsubscribe(&name)).await?;
+                }
+            }
+            if subscribe.len() < SUBSCRIBE_CHUNK {
+                next = self.control.try_recv().ok();
             }
         }
+        self.subscribe(sink, subscribe).await
     }
 
-    fn publish_gauges(&self) {
-        metrics::gauge!("relay_redis_channels").set(self.registry.channel_count() as f64);
-        metrics::gauge!("relay_subscriptions").set(self.registry.subscription_count() as f64);
+    async fn subscribe(&mut self, sink: &mut Sink, channels: Vec<Arc<str>>) -> Result<(), PubSubError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = channels
+            .iter()
+            .map(|c| format!("{}{}", self.settings.channel_prefix, c))
+            .collect();
+        let result = self.bounded(sink.subscribe(&names)).await;
+        let ok = result.is_ok();
+        // The core must hear the answer either way; the inbox may be full for a while.
+        let _ = self.inbox.send(Event::Subscribed { channels, ok }).await;
+        result
+    }
+
+    async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, PubSubError> {
+        Ok(tokio::time::timeout(self.settings.command_timeout, fut)
+            .await
+            .map_err(|_| PubSubError::Timeout)??)
+    }
+}
+
+/// The heads task: answer [`Action::ReadHeads`] from history, one batch at a time.
+async fn read_heads(
+    history: HistoryReader,
+    mut requests: mpsc::Receiver<Vec<Arc<str>>>,
+    inbox: mpsc::Sender<Event>,
+    lifecycle: Lifecycle,
+) {
+    loop {
+        let channels = tokio::select! {
+            _ = lifecycle.cancelled() => return,
+            channels = requests.recv() => match channels { Some(c) => c, None => return },
+        };
+        let answers = match history.heads(&channels).await {
+            Ok(heads) => channels.into_iter().zip(heads.into_iter().map(Some)).collect(),
+            Err(err) => {
+                tracing::warn!(%err, channels = channels.len(), "cannot read channel heads");
+                channels.into_iter().map(|c| (c, None)).collect()
+            }
+        };
+        if inbox.send(Event::Heads(answers)).await.is_err() {
+            return;
+        }
     }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_message(stream: &mut Option<Stream>) -> Option<Incoming> {
-    match stream {
-        Some(stream) => stream.next().await,
         None => std::future::pending().await,
     }
 }

@@ -1,41 +1,40 @@
-//! Cross-replica fan-out over Redis pub/sub (or, in embedded mode, an in-process broker).
+//! Cross-replica fan-out over Redis pub/sub (or, in embedded mode, an in-process broker): the
+//! I/O around the delivery [`crate::core`].
 //!
 //! * [`broker`]: the seam between relay and the broker — Redis, or an in-process queue.
-//! * [`listener`]: the one task per replica that owns the broker connection and the
-//!   [`registry`] of local subscribers, orders each channel ([`sequencer`]) and fans each message
-//!   out.
+//! * [`listener`]: the core task, the broker task and the heads task, joined by bounded queues.
 //! * [`outbox`]: the bounded per-session queue the fan-out pushes into.
 //! * [`PubSub`]: the handle sessions and handlers use — subscribe, unsubscribe, publish — kept in
-//!   the app state. Publishing uses a separate multiplexed connection, created once and shared.
+//!   the app state. Publishing uses a separate multiplexed connection, created once and shared,
+//!   driven by the service-owned publisher task.
 
 pub mod broker;
 pub mod listener;
 pub mod outbox;
-pub mod registry;
-pub mod sequencer;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use futures_util::{StreamExt, stream::FuturesUnordered};
 use redis::aio::ConnectionManagerConfig;
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::{config::RedisSettings, lifecycle::Lifecycle, protocol::Envelope, telemetry::otel};
+use crate::{
+    config::RedisSettings, core::CoreSettings, history::HistoryReader, lifecycle::Lifecycle,
+    protocol::Envelope, telemetry::otel,
+};
 
-use listener::{Command, Listener};
-pub use listener::{HistorySource, ListenerStatus};
+use listener::Event;
+pub use listener::ListenerStatus;
 pub use outbox::SessionOutbox;
 
-/// Commands waiting for the listener. Senders wait when it is full (backpressure on the
-/// subscribing sessions, never on the fan-out); each time that happens is counted.
-const COMMAND_QUEUE: usize = 4096;
-
-/// Committed messages whose PUBLISH failed, waiting to be retried. When full, further ones are
-/// dropped and counted: they are durable, and subscribers get them through gap fill or the
-/// listener's catch-up after a reconnect.
-const REPUBLISH_QUEUE: usize = 1024;
-/// Attempts per queued message, with exponential backoff from 100 ms.
-const REPUBLISH_ATTEMPTS: u32 = 6;
+/// Committed messages waiting for their PUBLISH. When full, further ones are not published and
+/// are counted: they are durable, and every replica's periodic head check delivers them.
+const PUBLISH_QUEUE: usize = 8192;
+/// PUBLISHes in flight at once (pipelined on the shared connection).
+const PUBLISH_IN_FLIGHT: usize = 64;
+/// Attempts per message, with exponential backoff from 100 ms.
+const PUBLISH_ATTEMPTS: u32 = 6;
 
 /// Errors at the Redis boundary.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -44,14 +43,8 @@ pub enum PubSubError {
     Redis(Arc<redis::RedisError>),
     #[error("Redis did not answer in time")]
     Timeout,
-    #[error("not connected to Redis (reconnecting)")]
-    Disconnected,
     #[error("the pub/sub listener has stopped")]
     ListenerStopped,
-    #[error("the session is closing")]
-    SessionClosed,
-    #[error("history unavailable: {0}")]
-    History(String),
 }
 
 impl From<redis::RedisError> for PubSubError {
@@ -63,21 +56,22 @@ impl From<redis::RedisError> for PubSubError {
 /// Handle to the replica's pub/sub machinery; cheap to clone.
 #[derive(Clone)]
 pub struct PubSub {
-    commands: mpsc::Sender<Command>,
-    republish: mpsc::Sender<Republish>,
+    inbox: mpsc::Sender<Event>,
+    committed: mpsc::Sender<Committed>,
     status: Arc<ListenerStatus>,
     publisher: broker::Publisher,
     prefix: Arc<str>,
-    command_timeout: std::time::Duration,
+    command_timeout: Duration,
     lifecycle: Lifecycle,
 }
 
 impl PubSub {
     /// Create the Redis clients (lazily connected, so startup does not fail while Redis is
-    /// down; readiness reports it) and start the listener task through `lifecycle`.
+    /// down; readiness reports it) and start the listener and publisher tasks.
     pub fn start(
         settings: &RedisSettings,
-        history: HistorySource,
+        core: CoreSettings,
+        history: HistoryReader,
         lifecycle: &Lifecycle,
     ) -> Result<Self, PubSubError> {
         let (publisher, source) = broker::open(
@@ -88,41 +82,28 @@ impl PubSub {
                 .set_number_of_retries(1)
                 .set_max_delay(settings.reconnect_max_delay),
         )?;
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let status = Arc::new(ListenerStatus::default());
-        let listener = Listener::new(
-            source,
-            settings.clone(),
-            history,
-            rx,
-            Arc::clone(&status),
-            lifecycle.clone(),
-        );
-        lifecycle.spawn("redis_listener", listener.run());
-        let (republish, republish_rx) = mpsc::channel(REPUBLISH_QUEUE);
+        let listener = listener::start(source, settings.clone(), core, history, lifecycle);
+        let (committed, committed_rx) = mpsc::channel(PUBLISH_QUEUE);
         let pubsub = Self {
-            commands: tx,
-            republish,
-            status,
+            inbox: listener.inbox,
+            committed,
+            status: listener.status,
             publisher,
             prefix: settings.channel_prefix.as_str().into(),
             command_timeout: settings.command_timeout,
             lifecycle: lifecycle.clone(),
         };
-        lifecycle.spawn(
-            "redis_republisher",
-            pubsub.clone().republisher(republish_rx),
-        );
+        lifecycle.spawn_critical("publisher", pubsub.clone().publish_committed_loop(committed_rx));
         Ok(pubsub)
     }
 
-    async fn send(&self, command: Command) -> Result<(), PubSubError> {
-        match self.commands.try_send(command) {
+    async fn send(&self, event: Event) -> Result<(), PubSubError> {
+        match self.inbox.try_send(event) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(command)) => {
+            Err(mpsc::error::TrySendError::Full(event)) => {
                 metrics::counter!("relay_listener_queue_full_total").increment(1);
-                self.commands
-                    .send(command)
+                self.inbox
+                    .send(event)
                     .await
                     .map_err(|_| PubSubError::ListenerStopped)
             }
@@ -130,34 +111,30 @@ impl PubSub {
         }
     }
 
-    /// Subscribe `outbox` to `channel`. When this returns Ok, Redis has confirmed the
-    /// subscription and a `subscribed` frame (or, with `since`, a replay of stored history) is
-    /// queued in the outbox ahead of any live message of the channel; on error an `unavailable`
-    /// error frame is queued instead. Ok carries the offset live delivery continues after.
+    /// Ask to subscribe `outbox` to `channel`. The answer arrives in the outbox, ordered before
+    /// any message of the channel: `Subscribed` once the broker confirmed and the channel's head
+    /// is known, or `SubscribeFailed`.
     pub async fn subscribe(
         &self,
         channel: &str,
         outbox: &Arc<SessionOutbox>,
         since: Option<i64>,
-    ) -> Result<i64, PubSubError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Subscribe {
+    ) -> Result<(), PubSubError> {
+        self.send(Event::Subscribe {
             channel: channel.into(),
             outbox: Arc::clone(outbox),
             since,
-            reply,
         })
-        .await?;
-        answer.await.map_err(|_| PubSubError::ListenerStopped)?
+        .await
     }
 
-    /// Unsubscribe; an `unsubscribed` frame is queued after the last message of the channel.
+    /// Unsubscribe; an `Unsubscribed` item is queued after the last message of the channel.
     pub async fn unsubscribe(
         &self,
         channel: &str,
         outbox: &Arc<SessionOutbox>,
     ) -> Result<(), PubSubError> {
-        self.send(Command::Unsubscribe {
+        self.send(Event::Unsubscribe {
             channel: channel.into(),
             outbox: Arc::clone(outbox),
         })
@@ -171,19 +148,20 @@ impl PubSub {
         if channels.is_empty() {
             return;
         }
-        match self.commands.try_send(Command::Leave { channels, outbox }) {
+        match self.inbox.try_send(Event::Leave { channels, outbox }) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(command)) => {
+            Err(mpsc::error::TrySendError::Full(event)) => {
                 metrics::counter!("relay_listener_queue_full_total").increment(1);
-                let commands = self.commands.clone();
+                let inbox = self.inbox.clone();
                 self.lifecycle.spawn("pubsub_leave", async move {
-                    let _ = commands.send(command).await;
+                    let _ = inbox.send(event).await;
                 });
             }
         }
     }
 
-    /// PUBLISH the envelope `{"data":…,"id":…}` to the channel on every replica.
+    /// PUBLISH the envelope `{"data":…,"id":…}` to the channel on every replica (`id` only for
+    /// committed messages, which are then marked as relay's own).
     pub async fn publish(
         &self,
         channel: &str,
@@ -207,46 +185,69 @@ impl PubSub {
         Ok(())
     }
 
-    /// PUBLISH a committed message; if that fails, queue it for retries in the background
-    /// (bounded: when the queue is full the message is left to gap fill and catch-up).
-    pub async fn publish_committed(&self, channel: &str, data: &RawValue, id: i64) {
-        let Err(err) = self.publish(channel, data, Some(id)).await else {
-            return;
-        };
-        metrics::counter!("relay_publish_failures_total").increment(1);
-        tracing::warn!(%err, channel, id, "PUBLISH after commit failed; retrying in the background");
-        let job = Republish {
+    /// Hand a committed message to the service's publisher task. Never waits, and the request
+    /// that committed it may go away now (timeout, client disconnect): the PUBLISH belongs to the
+    /// service. If the queue is full the message is counted and left to the head checks.
+    pub fn publish_committed(&self, channel: &str, data: &RawValue, id: i64) {
+        let job = Committed {
             channel: channel.into(),
             data: data.to_owned(),
             id,
+            traceparent: otel::traceparent(&tracing::Span::current()),
         };
-        if self.republish.try_send(job).is_err() {
-            metrics::counter!("relay_republish_dropped_total").increment(1);
+        if self.committed.try_send(job).is_err() {
+            metrics::counter!("relay_publish_abandoned_total", "reason" => "queue_full").increment(1);
         }
     }
 
-    /// The bounded retry job for [`PubSub::publish_committed`].
-    async fn republisher(self, mut jobs: mpsc::Receiver<Republish>) {
+    /// The publisher task: PUBLISH committed messages, up to [`PUBLISH_IN_FLIGHT`] at once, each
+    /// retried with backoff.
+    async fn publish_committed_loop(self, mut jobs: mpsc::Receiver<Committed>) {
+        let mut in_flight = FuturesUnordered::new();
         loop {
-            let job = tokio::select! {
-                _ = self.lifecycle.cancelled() => return,
-                job = jobs.recv() => match job { Some(job) => job, None => return },
-            };
-            let mut delay = std::time::Duration::from_millis(100);
-            for attempt in 1..=REPUBLISH_ATTEMPTS {
-                tokio::select! {
-                    _ = self.lifecycle.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                match self.publish(&job.channel, &job.data, Some(job.id)).await {
-                    Ok(()) => break,
-                    Err(err) if attempt == REPUBLISH_ATTEMPTS => {
-                        metrics::counter!("relay_republish_dropped_total").increment(1);
-                        tracing::warn!(%err, channel = &*job.channel, id = job.id, "giving up re-publishing; subscribers recover it from history");
+            let room = in_flight.len() < PUBLISH_IN_FLIGHT;
+            tokio::select! {
+                _ = self.lifecycle.cancelled() => break,
+                job = jobs.recv(), if room => match job {
+                    Some(job) => in_flight.push(self.publish_with_retries(job)),
+                    None => break,
+                },
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            }
+        }
+        // Unpublished messages are durable: every replica's head check delivers them.
+        tracing::debug!(left = in_flight.len() + jobs.len(), "publisher stopped");
+    }
+
+    async fn publish_with_retries(&self, job: Committed) {
+        let span = tracing::info_span!("republish", channel = &*job.channel, id = job.id);
+        if let Some(traceparent) = &job.traceparent {
+            otel::set_parent_from_traceparent(&span, traceparent);
+        }
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=PUBLISH_ATTEMPTS {
+            let published = tracing::Instrument::instrument(
+                self.publish(&job.channel, &job.data, Some(job.id)),
+                span.clone(),
+            );
+            match published.await {
+                Ok(()) => return,
+                Err(err) => {
+                    metrics::counter!("relay_publish_failures_total").increment(1);
+                    if attempt == PUBLISH_ATTEMPTS {
+                        metrics::counter!("relay_publish_abandoned_total", "reason" => "attempts")
+                            .increment(1);
+                        tracing::warn!(%err, channel = &*job.channel, id = job.id, "giving up PUBLISH; subscribers get it through the head checks");
+                        return;
                     }
-                    Err(_) => delay *= 2,
+                    tracing::debug!(%err, attempt, "PUBLISH after commit failed; retrying");
                 }
             }
+            tokio::select! {
+                _ = self.lifecycle.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay *= 2;
         }
     }
 
@@ -266,11 +267,20 @@ impl PubSub {
     pub fn is_listening(&self) -> bool {
         self.status.is_connected()
     }
+
+    /// Test hook: make the pub/sub core task panic, to prove that a dead critical task stops
+    /// the service instead of leaving it alive and unready.
+    #[doc(hidden)]
+    pub async fn inject_core_panic(&self) {
+        let _ = self.send(Event::Panic).await;
+    }
 }
 
-/// A committed message waiting to be re-published.
-struct Republish {
+/// A committed message waiting for its PUBLISH.
+struct Committed {
     channel: Box<str>,
     data: Box<RawValue>,
     id: i64,
+    /// The publish request's trace, so late PUBLISHes stay in it.
+    traceparent: Option<String>,
 }

@@ -1,8 +1,8 @@
 //! [`SessionOutbox`]: the bounded queue between the fan-out and one subscriber session.
 //!
-//! The Redis listener pushes shared [`ServerFrame`]s here without ever waiting; the session task
-//! (WebSocket or SSE) drains everything queued at once and writes it with a single flush. When
-//! the queue is full the subscriber is a *slow consumer*: the outbox latches into the overflowed
+//! The delivery core pushes shared frames and control items ([`Outgoing`]) here without ever
+//! waiting; the session task (WebSocket or SSE) drains everything queued at once and writes it
+//! with a single flush. When `capacity` frames are queued the subscriber is a *slow consumer*: the outbox latches into the overflowed
 //! state, further pushes are refused, and the session closes the connection (WebSocket close
 //! code 4008). Dropping frames silently instead would leave a client with a hole in its stream
 //! it cannot detect; blocking would let one slow client stall every other subscriber.
@@ -14,47 +14,13 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::protocol::ServerFrame;
-
-/// An item in a session's outbox.
-#[derive(Debug, Clone)]
-pub enum Outgoing {
-    /// An encoded frame, sent as is.
-    Frame(ServerFrame),
-    /// Send `subscribed` and replay stored history for a `since` subscription, before anything
-    /// queued after this item. Queued by the listener exactly where live delivery starts.
-    Replay(Box<Replay>),
-}
-
-/// History the session must replay: offsets in `(since, upto]` of `channel`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replay {
-    pub channel: Box<str>,
-    pub since: i64,
-    pub upto: i64,
-}
-
-impl From<ServerFrame> for Outgoing {
-    fn from(frame: ServerFrame) -> Self {
-        Self::Frame(frame)
-    }
-}
-
-/// What a push did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Push {
-    Queued,
-    /// This push overflowed the queue; the subscriber is now marked slow.
-    Overflowed,
-    /// The outbox was already overflowed or closed; nothing queued.
-    Rejected,
-}
+pub use crate::core::{Outgoing, Push};
 
 /// What [`SessionOutbox::drain_into`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
-    /// Frames (possibly none) were moved into the caller's buffer.
-    Frames,
+    /// Items (possibly none) were moved into the caller's buffer.
+    Items,
     /// The queue overflowed: close the connection as a slow consumer.
     Overflowed,
 }
@@ -69,6 +35,9 @@ pub struct SessionOutbox {
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Outgoing>,
+    /// Frames in `queue`; control items (subscription answers, catch-up markers) do not count
+    /// against the capacity, so the server's own bookkeeping never makes a slow consumer.
+    frames: usize,
     overflowed: bool,
     closed: bool,
 }
@@ -86,13 +55,19 @@ impl SessionOutbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queue a frame without waiting. Never blocks the caller beyond a short mutex hold.
-    pub fn push(&self, item: impl Into<Outgoing>) -> Push {
+    /// Queue a reply frame (pong, errors) behind everything queued before.
+    pub fn reply(&self, frame: crate::protocol::ServerFrame) -> Push {
+        self.push(Outgoing::Frame(frame))
+    }
+
+    /// Queue an item without waiting. Never blocks the caller beyond a short mutex hold.
+    pub fn push(&self, item: Outgoing) -> Push {
         let mut state = self.lock();
         if state.overflowed || state.closed {
             return Push::Rejected;
         }
-        if state.queue.len() >= self.capacity {
+        let frame = item.is_frame();
+        if frame && state.frames >= self.capacity {
             state.overflowed = true;
             // Free the memory now; the session will only send a close frame.
             state.queue = VecDeque::new();
@@ -101,7 +76,8 @@ impl SessionOutbox {
             return Push::Overflowed;
         }
         let was_empty = state.queue.is_empty();
-        state.queue.push_back(item.into());
+        state.frames += usize::from(frame);
+        state.queue.push_back(item);
         drop(state);
         // A non-empty queue already has a wake-up pending.
         if was_empty {
@@ -115,18 +91,19 @@ impl SessionOutbox {
         self.notify.notified().await
     }
 
-    /// Move every queued frame into `buf` (which the session reuses between drains).
+    /// Move every queued item into `buf` (which the session reuses between drains).
     pub fn drain_into(&self, buf: &mut VecDeque<Outgoing>) -> Drained {
         let mut state = self.lock();
         if state.overflowed {
             return Drained::Overflowed;
         }
+        state.frames = 0;
         if buf.is_empty() {
             std::mem::swap(&mut state.queue, buf);
         } else {
             buf.extend(state.queue.drain(..));
         }
-        Drained::Frames
+        Drained::Items
     }
 
     /// Refuse further pushes; the fan-out skips closed outboxes and the listener forgets them.
@@ -142,32 +119,63 @@ impl SessionOutbox {
     }
 }
 
+impl crate::core::Subscriber for SessionOutbox {
+    fn push(&self, item: Outgoing) -> Push {
+        SessionOutbox::push(self, item)
+    }
+
+    fn is_closed(&self) -> bool {
+        SessionOutbox::is_closed(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::protocol::ServerFrame;
 
     #[test]
     fn overflow_latches_and_frees() {
         let outbox = SessionOutbox::new(2);
-        assert_eq!(outbox.push(ServerFrame::pong()), Push::Queued);
-        assert_eq!(outbox.push(ServerFrame::pong()), Push::Queued);
-        assert_eq!(outbox.push(ServerFrame::pong()), Push::Overflowed);
-        assert_eq!(outbox.push(ServerFrame::pong()), Push::Rejected);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Overflowed);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Rejected);
         let mut buf = VecDeque::new();
         assert_eq!(outbox.drain_into(&mut buf), Drained::Overflowed);
         assert!(buf.is_empty());
     }
 
     #[test]
+    fn control_items_never_make_a_slow_consumer() {
+        let outbox = SessionOutbox::new(1);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+        for upto in 1..100 {
+            let item = Outgoing::CatchUp {
+                channel: Arc::from("c"),
+                upto,
+            };
+            assert_eq!(outbox.push(item), Push::Queued);
+        }
+        let mut buf = VecDeque::new();
+        assert_eq!(outbox.drain_into(&mut buf), Drained::Items);
+        assert_eq!(buf.len(), 100);
+        // Draining frees the capacity again.
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+    }
+
+    #[test]
     fn drain_takes_everything_in_order() {
         let outbox = SessionOutbox::new(8);
-        outbox.push(ServerFrame::subscribed("a", 0));
-        outbox.push(ServerFrame::pong());
+        outbox.reply(ServerFrame::subscribed("a", 0));
+        outbox.reply(ServerFrame::pong());
         let mut buf = VecDeque::new();
-        assert_eq!(outbox.drain_into(&mut buf), Drained::Frames);
+        assert_eq!(outbox.drain_into(&mut buf), Drained::Items);
         assert_eq!(buf.len(), 2);
         assert!(matches!(&buf[0], Outgoing::Frame(f) if f.text.contains("subscribed")));
         outbox.close();
-        assert_eq!(outbox.push(ServerFrame::pong()), Push::Rejected);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Rejected);
     }
 }

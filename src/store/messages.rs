@@ -114,6 +114,29 @@ pub async fn position(pool: &PgPool, channel: &str) -> Result<ChannelPosition, S
     })
 }
 
+/// The newest offset of each channel (0 for a channel never published to), in input order.
+/// One query for many channels: the listener checks every active channel's head periodically.
+pub async fn heads(pool: &PgPool, channels: &[&str]) -> Result<Vec<i64>, StoreError> {
+    let rows = sqlx::query(
+        r#"
+        SELECT q.name, COALESCE(c.last_offset, 0) AS last_offset
+        FROM unnest($1::text[]) AS q(name) LEFT JOIN channels c ON c.name = q.name
+        "#,
+    )
+    .bind(channels)
+    .fetch_all(pool)
+    .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.try_get("name")?;
+        found.insert(name, row.try_get::<i64, _>("last_offset")?);
+    }
+    Ok(channels
+        .iter()
+        .map(|c| found.get(*c).copied().unwrap_or(0))
+        .collect())
+}
+
 /// Delete up to `batch` messages older than `max_age`. Returns how many were deleted.
 pub async fn prune_older_than(
     pool: &PgPool,

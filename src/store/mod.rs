@@ -104,6 +104,17 @@ impl MessageStore {
         }
     }
 
+    /// The newest offset of each channel, in input order; see [`messages::heads`].
+    pub async fn heads(&self, channels: &[&str]) -> Result<Vec<i64>, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::heads(pool, channels).await,
+            Self::Memory(log) => Ok(channels
+                .iter()
+                .map(|c| log.position(c).last_offset)
+                .collect()),
+        }
+    }
+
     /// Delete up to `batch` messages older than `max_age`.
     pub async fn prune_older_than(&self, max_age: Duration, batch: i64) -> Result<u64, StoreError> {
         match self {
