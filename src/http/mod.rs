@@ -5,6 +5,7 @@
 //! id exists before anything logs, and errors produced by inner layers (413, 408, panics) still
 //! get the JSON shape and the id.
 
+pub mod access;
 pub mod admin;
 pub mod error;
 pub mod health;
@@ -67,10 +68,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// Build the router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let http = state.settings.http.clone();
-    let access_log = axum::middleware::from_fn_with_state(
-        state.clone(),
-        crate::access_log::middleware::record_http,
-    );
+    let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
     let (api, openapi) = api_routes().split_for_parts();
     #[cfg(feature = "demo")]
     let api = api.merge(crate::demo::routes(&state.settings.demo));
