@@ -15,6 +15,9 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+// The prefix is validated with the channel-name rule, which belongs to the wire protocol.
+use crate::protocol::is_channel_char;
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -548,11 +551,6 @@ impl Settings {
         }
         Ok(())
     }
-}
-
-/// Characters allowed in channel names (and the Redis prefix in front of them).
-pub fn is_channel_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')
 }
 
 fn positive(key: &'static str, d: Duration) -> Result<(), ConfigError> {

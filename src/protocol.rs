@@ -11,8 +11,6 @@ use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::config::is_channel_char;
-
 /// Longest channel name accepted.
 pub const MAX_CHANNEL_LEN: usize = 128;
 
@@ -27,6 +25,12 @@ pub fn parse_offset(text: &str) -> Option<i64> {
         .parse::<i64>()
         .ok()
         .filter(|o| (0..=MAX_OFFSET).contains(o))
+}
+
+/// Characters allowed in channel names (and in the Redis prefix in front of them, which
+/// `config` validates with this same function).
+pub fn is_channel_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')
 }
 
 /// Why a channel name was refused.

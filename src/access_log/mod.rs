@@ -6,77 +6,27 @@
 //! * `writer` batches entries (by count or time) and feeds each configured sink (`stdout` JSON
 //!   lines, `file` with size-based rotation, `postgres` batched inserts) through its own task, so
 //!   a failing or stalled sink is retried with backoff and never holds up the others.
-//! * [`middleware`] builds HTTP entries and the [`AccessContext`] sessions use for theirs.
+//! * [`Entry`] is one line of the log; an [`AccessContext`] is what a request leaves behind for
+//!   the entry written when it (or its WebSocket or SSE session) ends.
+//!
+//! This is a pure sink: it knows nothing of HTTP or of the application state. Measuring requests
+//! is `crate::http::access`'s job, which fills an [`AccessContext`] and calls
+//! [`AccessLog::record`].
 //!
 //! On shutdown the writer drains whatever was queued before the process exits: its tasks run on
 //! the lifecycle's flush phase, after every request and session has finished.
 
-pub mod middleware;
+mod entry;
 mod sinks;
 mod writer;
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::{config::AccessLogSettings, lifecycle::Lifecycle};
 
-pub use middleware::AccessContext;
-
-/// What kind of exchange an entry describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EntryKind {
-    Http,
-    Websocket,
-    Sse,
-}
-
-impl EntryKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Http => "http",
-            Self::Websocket => "websocket",
-            Self::Sse => "sse",
-        }
-    }
-}
-
-/// One access-log entry.
-#[derive(Debug, Clone, Serialize)]
-pub struct Entry {
-    pub ts: DateTime<Utc>,
-    pub kind: EntryKind,
-    pub request_id: String,
-    pub trace_id: Option<String>,
-    pub method: String,
-    /// The matched route (`/api/v1/channels/{channel}/messages`), not the raw path.
-    pub route: Option<String>,
-    /// Path and query, with secrets in the query redacted.
-    pub path: String,
-    pub status: u16,
-    /// Request latency; for sessions, their whole duration.
-    pub latency_ms: f64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub client_ip: Option<String>,
-    pub user_agent: Option<String>,
-    /// The authenticated subject, once authentication exists.
-    pub subject: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub session: Option<SessionStats>,
-}
-
-/// What a WebSocket or SSE session did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SessionStats {
-    pub frames_in: u64,
-    pub frames_out: u64,
-    pub channels: Vec<String>,
-    pub close_code: Option<u16>,
-}
+pub use entry::{AccessContext, Entry, EntryKind, SessionStats};
 
 /// Handle to the access log; cheap to clone. A disabled log (no sinks) records nothing.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use tokio::io::AsyncWriteExt;
 
-use super::Entry;
+use super::entry::Entry;
 use crate::config::{AccessLogSettings, AccessLogSinkKind};
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 
-use super::{Entry, sinks::Sink};
+use super::{entry::Entry, sinks::Sink};
 use crate::{config::AccessLogSettings, lifecycle::Lifecycle};
 
 /// Batches waiting per sink before further ones are dropped for it.

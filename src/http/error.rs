@@ -2,14 +2,23 @@
 //!
 //! Every failure a client can see — handler errors, axum rejections, 404/405, body limits,
 //! timeouts, panics — leaves as `{"error":{"code":"…","message":"…","request_id":"…"}}`. Handlers
-//! return [`ApiError`] and use `?`; [`crate::http::middleware::json_errors`] rewrites the few
-//! responses produced outside handlers (router fallbacks, tower-http layers) into the same shape.
-//! Internal details are logged here, once, and never sent to the client.
+//! return [`ApiError`] and use `?`; the [`json_errors`] layer rewrites the few responses
+//! produced outside handlers (router fallbacks, tower-http layers) into the same shape, and
+//! [`panic_response`] does the same for panics. Internal details are logged here, once, and
+//! never sent to the client.
+//!
+//! The request id in the body comes from [`crate::http::middleware`], which owns it; nothing
+//! there depends on this module.
 
 use axum::{
     Json,
-    extract::rejection::{JsonRejection, QueryRejection},
-    http::StatusCode,
+    body::Body,
+    extract::{
+        Request,
+        rejection::{JsonRejection, QueryRejection},
+    },
+    http::{StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -113,6 +122,57 @@ pub fn code_for(status: StatusCode) -> &'static str {
         s if s.is_server_error() => "internal",
         _ => "error",
     }
+}
+
+/// Rewrites error responses produced outside handlers (router 404/405, tower-http's 408 and
+/// 413, axum rejections with text bodies) into the JSON error shape.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    // Bodies here are short texts from axum or tower-http; keep them as the message for 4xx,
+    // never for 5xx (they could carry internals).
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = if status.is_client_error() && !text.trim().is_empty() {
+        text.trim().to_owned()
+    } else {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    };
+    let mut rewritten = error_response(status, code_for(status), &message);
+    // Keep headers such as `allow` (405) and the request id.
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rewritten
+}
+
+/// Panics become a 500 in the standard shape; the panic message is logged, not sent.
+pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    let detail = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = detail, "handler panicked");
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
 }
 
 impl From<axum::extract::ws::rejection::WebSocketUpgradeRejection> for ApiError {

@@ -3,17 +3,18 @@
 //! * [`request_id`]: accepts a sane incoming `x-request-id` or generates a UUID, stores it in the
 //!   request extensions and in a task-local (so any code running for the request, including error
 //!   rendering, can read it with [`current_request_id`]) and echoes it on the response.
-//! * [`json_errors`]: rewrites error responses produced outside handlers (router 404/405,
-//!   tower-http's 408 and 413, axum rejections with text bodies) into the JSON error shape.
 //! * [`trace_layer`]: one span per request carrying method, matched route, request id, status and
 //!   latency, closed with an `info` line, which is the service's request log.
+//!
+//! This module owns the request id and knows nothing of the error type: the error type reads the
+//! id from here, and the layers that render errors (`json_errors`, `panic_response`) live with it
+//! in [`super::error`], so the dependency runs one way.
 
 use std::time::Duration;
 
 use axum::{
-    body::Body,
     extract::{MatchedPath, Request},
-    http::{HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderName, HeaderValue},
     middleware::Next,
     response::Response,
 };
@@ -23,10 +24,7 @@ use tower_http::{
 };
 use tracing::Span;
 
-use crate::{
-    http::error::{code_for, error_response},
-    telemetry::otel,
-};
+use crate::telemetry::otel;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -70,55 +68,6 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         res.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
     res
-}
-
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
-    let status = res.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return res;
-    }
-    let is_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json"));
-    if is_json {
-        return res;
-    }
-    let (parts, body) = res.into_parts();
-    // Bodies here are short texts from axum or tower-http; keep them as the message for 4xx,
-    // never for 5xx (they could carry internals).
-    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let message = if status.is_client_error() && !text.trim().is_empty() {
-        text.trim().to_owned()
-    } else {
-        status.canonical_reason().unwrap_or("error").to_lowercase()
-    };
-    let mut rewritten = error_response(status, code_for(status), &message);
-    // Keep headers such as `allow` (405) and the request id.
-    for (name, value) in parts.headers.iter() {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            rewritten.headers_mut().insert(name.clone(), value.clone());
-        }
-    }
-    rewritten
-}
-
-/// Panics become a 500 in the standard shape; the panic message is logged, not sent.
-pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
-    let detail = err
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| err.downcast_ref::<&str>().copied())
-        .unwrap_or("unknown panic");
-    tracing::error!(panic = detail, "handler panicked");
-    error_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "internal error",
-    )
 }
 
 type MakeSpan = fn(&Request) -> Span;

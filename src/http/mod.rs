@@ -5,6 +5,7 @@
 //! id exists before anything logs, and errors produced by inner layers (413, 408, panics) still
 //! get the JSON shape and the id.
 
+pub mod access;
 pub mod admin;
 pub mod error;
 pub mod health;
@@ -67,10 +68,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// Build the router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let http = state.settings.http.clone();
-    let access_log = axum::middleware::from_fn_with_state(
-        state.clone(),
-        crate::access_log::middleware::record_http,
-    );
+    let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
     let (api, openapi) = api_routes().split_for_parts();
     #[cfg(feature = "demo")]
     let api = api.merge(crate::demo::routes(&state.settings.demo));
@@ -93,8 +91,8 @@ pub fn router(state: AppState) -> Router {
             .layer(axum::middleware::from_fn(middleware::request_id))
             .layer(middleware::trace_layer())
             .layer(access_log)
-            .layer(axum::middleware::from_fn(middleware::json_errors))
-            .layer(CatchPanicLayer::custom(middleware::panic_response))
+            .layer(axum::middleware::from_fn(error::json_errors))
+            .layer(CatchPanicLayer::custom(error::panic_response))
             .option_layer(cors_layer(&http))
             .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
             .layer(DefaultBodyLimit::max(http.max_body_bytes))

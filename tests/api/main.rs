@@ -1,6 +1,8 @@
 //! One integration-test binary (faster to link). Every test starts the real service on an
-//! unused port with its own database and Redis prefix, against real Postgres and Redis.
+//! unused port with its own database and Redis prefix, against real Postgres and Redis; the
+//! exception is `architecture`, which only reads the sources.
 
+mod architecture;
 mod config;
 mod demo;
 mod health;

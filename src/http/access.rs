@@ -3,6 +3,10 @@
 //!
 //! It also puts an [`AccessContext`] into the request extensions — request id, trace id, client
 //! address, redacted path — which WebSocket and SSE sessions use for their own entry at the end.
+//!
+//! It lives in `http`, not in `access_log`, because it is HTTP through and through (request
+//! extensions, the request id, response bodies); `access_log` stays a sink that any transport
+//! can feed without depending on the HTTP layer or the application state.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -22,53 +26,14 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use chrono::Utc;
 use http_body::{Frame, SizeHint};
 
-use super::{AccessLog, Entry, EntryKind, SessionStats, redact_path};
-use crate::{http::middleware::RequestId, state::AppState, telemetry::otel};
-
-/// Who asked what, for entries written after the request (sessions).
-#[derive(Debug, Clone)]
-pub struct AccessContext {
-    pub request_id: String,
-    pub trace_id: Option<String>,
-    pub method: String,
-    pub route: Option<String>,
-    pub path: String,
-    pub client_ip: Option<String>,
-    pub user_agent: Option<String>,
-    pub started: Instant,
-}
-
-impl AccessContext {
-    /// The entry for an exchange that ended now; `session` for WebSocket and SSE sessions.
-    pub fn entry(
-        &self,
-        kind: EntryKind,
-        status: u16,
-        bytes: (u64, u64),
-        session: Option<SessionStats>,
-    ) -> Entry {
-        Entry {
-            ts: Utc::now(),
-            kind,
-            request_id: self.request_id.clone(),
-            trace_id: self.trace_id.clone(),
-            method: self.method.clone(),
-            route: self.route.clone(),
-            path: self.path.clone(),
-            status,
-            latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            bytes_in: bytes.0,
-            bytes_out: bytes.1,
-            client_ip: self.client_ip.clone(),
-            user_agent: self.user_agent.clone(),
-            subject: None,
-            session,
-        }
-    }
-}
+use crate::{
+    access_log::{AccessContext, AccessLog, EntryKind, SessionStats, redact_path},
+    http::middleware::RequestId,
+    state::AppState,
+    telemetry::otel,
+};
 
 /// The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
 /// address in `X-Forwarded-For` that is not itself a trusted proxy.
