@@ -14,10 +14,10 @@ use tokio::net::TcpListener;
 use crate::{
     access_log::AccessLog,
     config::Settings,
-    http,
-    lifecycle::Lifecycle,
     core::CoreSettings,
     history::HistoryReader,
+    http,
+    lifecycle::Lifecycle,
     pubsub::{PubSub, PubSubError},
     retention,
     state::AppState,

@@ -80,7 +80,11 @@ impl HistoryReader {
     }
 
     /// Stored messages with offsets in `after+1..=end` (a window of at most a page).
-    pub async fn page(&self, channel: &Arc<str>, (after, end): (i64, i64)) -> Result<Page, HistoryError> {
+    pub async fn page(
+        &self,
+        channel: &Arc<str>,
+        (after, end): (i64, i64),
+    ) -> Result<Page, HistoryError> {
         let read = async {
             let limit = end.saturating_sub(after).max(1);
             let rows = self

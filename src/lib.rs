@@ -32,6 +32,7 @@ pub mod protocol;
 pub mod publish;
 pub mod pubsub;
 pub mod retention;
+pub mod session;
 #[cfg(feature = "sse")]
 pub mod sse;
 pub mod state;

@@ -15,9 +15,11 @@
 
 use std::{collections::VecDeque, pin::Pin, sync::Arc, time::Duration};
 
+use axum::extract::ws::Utf8Bytes;
+
 use crate::{
     core::subscriptions::{Announce, Subscriptions},
-    history::{HistoryError, HistoryReader, Page},
+    history::{HistoryError, Page},
     protocol::{ClientFrame, ServerFrame},
     publish,
     pubsub::{
@@ -55,7 +57,7 @@ pub enum End {
 /// What the client sent.
 #[derive(Debug)]
 pub enum Inbound {
-    Text(String),
+    Text(Utf8Bytes),
     /// A frame the protocol does not accept (a binary frame).
     Unsupported,
     /// Proof of life without content (pings, pongs, close handshakes).
@@ -151,7 +153,12 @@ impl Session {
         {
             self.traffic.channels.push(channel.to_owned());
         }
-        if let Err(err) = self.state.pubsub.subscribe(channel, &self.outbox, since).await {
+        if let Err(err) = self
+            .state
+            .pubsub
+            .subscribe(channel, &self.outbox, since)
+            .await
+        {
             tracing::warn!(%err, channel, "cannot hand the subscribe to the listener");
             self.reply(ServerFrame::error("unavailable", "server is shutting down"));
         }
@@ -362,7 +369,9 @@ impl Session {
                     .increment(1);
                 self.out.push(ServerFrame::error(
                     "history_unavailable",
-                    &format!("cannot read history of `{channel}`; the missing range follows as a gap"),
+                    &format!(
+                        "cannot read history of `{channel}`; the missing range follows as a gap"
+                    ),
                 ));
                 self.subs.on_unreadable(&channel, &mut self.out);
             }

@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use crate::{
     access_log::AccessLog, config::Settings, history::HistoryReader, lifecycle::Lifecycle,
-    pubsub::PubSub,
-    store::MessageStore,
+    pubsub::PubSub, store::MessageStore,
 };
 
 #[derive(Clone)]

@@ -599,27 +599,11 @@ impl<T: Subscriber> Core<T> {
         };
         if let Some(gap) = seq.take_gap(now) {
             self.stats.gaps += 1;
-            let name = Arc::clone(&entry.name);
-            Self::push_all(
-                &mut self.stats,
-                &mut self.subscriptions,
-                entry,
-                Outgoing::CatchUp {
-                    channel: Arc::clone(&name),
-                    upto: gap.upto,
-                },
-            );
-            for frame in gap.released {
-                Self::push_all(
-                    &mut self.stats,
-                    &mut self.subscriptions,
-                    entry,
-                    Outgoing::Message {
-                        channel: Arc::clone(&name),
-                        frame,
-                    },
-                );
-            }
+            let item = Outgoing::CatchUp {
+                channel: Arc::clone(&entry.name),
+                upto: gap.upto,
+            };
+            Self::push_all(&mut self.stats, &mut self.subscriptions, entry, item);
         }
         Self::track_gap(&mut self.gapped, entry);
         self.close_if_unused(channel);

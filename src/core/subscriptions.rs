@@ -57,6 +57,11 @@ impl Subscriptions {
         self.entries.is_empty()
     }
 
+    /// Whether a subscription still waits for the core's answer.
+    pub fn any_pending(&self) -> bool {
+        self.entries.iter().any(|e| e.stream.is_pending())
+    }
+
     pub fn contains(&self, channel: &str) -> bool {
         self.find(channel).is_some()
     }

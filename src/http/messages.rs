@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 
 use crate::{
     http::error::{ApiError, AppJson, AppQuery, ErrorBody},
-    protocol::validate_channel,
+    protocol::{MAX_OFFSET, validate_channel},
     publish::{self, Published},
     state::AppState,
     store::StoreError,
@@ -135,10 +135,10 @@ pub async fn list_messages(
         )));
     }
     let since = query.since.unwrap_or(0);
-    if since < 0 {
-        return Err(ApiError::Validation(
-            "`since` must be a non-negative offset".to_owned(),
-        ));
+    if !(0..=MAX_OFFSET).contains(&since) {
+        return Err(ApiError::Validation(format!(
+            "`since` must be an offset between 0 and {MAX_OFFSET}"
+        )));
     }
     let position = state.store.position(channel).await?;
     let mut rows = state.store.read_since(channel, since, limit + 1).await?;

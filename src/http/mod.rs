@@ -11,6 +11,7 @@ pub mod error;
 pub mod health;
 pub mod messages;
 pub mod middleware;
+pub mod realtime;
 
 use axum::{
     Router,
@@ -28,7 +29,7 @@ use tower_http::{
     timeout::TimeoutLayer,
 };
 
-use crate::{config::HttpSettings, state::AppState, ws};
+use crate::{config::HttpSettings, state::AppState};
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
@@ -53,10 +54,10 @@ pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     let routes = utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
-        .routes(routes!(ws::upgrade))
+        .routes(routes!(realtime::upgrade))
         .routes(routes!(messages::list_messages, messages::publish_message));
     #[cfg(feature = "sse")]
-    let routes = routes.routes(routes!(crate::sse::stream));
+    let routes = routes.routes(routes!(realtime::stream));
     routes
 }
 

@@ -147,6 +147,7 @@ pub enum Stream {
 }
 
 /// One received message.
+#[derive(Debug)]
 pub enum Incoming {
     Redis(redis::Msg),
     Memory(MemoryMessage),

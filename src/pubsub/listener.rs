@@ -342,7 +342,8 @@ impl BrokerTask {
         );
         let mut ever_connected = false;
         loop {
-            let connect = tokio::time::timeout(self.settings.connect_timeout, self.source.connect());
+            let connect =
+                tokio::time::timeout(self.settings.connect_timeout, self.source.connect());
             let connected = tokio::select! {
                 _ = self.lifecycle.cancelled() => break,
                 result = connect => result.map_err(|_| PubSubError::Timeout).and_then(|r| r),
@@ -364,7 +365,9 @@ impl BrokerTask {
             self.status.set(true);
             if ever_connected {
                 metrics::counter!("relay_redis_reconnects_total").increment(1);
-                tracing::info!("broker reconnected; resubscribing and checking every channel's head");
+                tracing::info!(
+                    "broker reconnected; resubscribing and checking every channel's head"
+                );
             } else {
                 tracing::info!("pub/sub listener connected");
             }
@@ -442,7 +445,11 @@ impl BrokerTask {
         self.subscribe(sink, subscribe).await
     }
 
-    async fn subscribe(&mut self, sink: &mut Sink, channels: Vec<Arc<str>>) -> Result<(), PubSubError> {
+    async fn subscribe(
+        &mut self,
+        sink: &mut Sink,
+        channels: Vec<Arc<str>>,
+    ) -> Result<(), PubSubError> {
         if channels.is_empty() {
             return Ok(());
         }
@@ -457,7 +464,10 @@ impl BrokerTask {
         result
     }
 
-    async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, PubSubError> {
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, PubSubError> {
         Ok(tokio::time::timeout(self.settings.command_timeout, fut)
             .await
             .map_err(|_| PubSubError::Timeout)??)
@@ -477,7 +487,10 @@ async fn read_heads(
             channels = requests.recv() => match channels { Some(c) => c, None => return },
         };
         let answers = match history.heads(&channels).await {
-            Ok(heads) => channels.into_iter().zip(heads.into_iter().map(Some)).collect(),
+            Ok(heads) => channels
+                .into_iter()
+                .zip(heads.into_iter().map(Some))
+                .collect(),
             Err(err) => {
                 tracing::warn!(%err, channels = channels.len(), "cannot read channel heads");
                 channels.into_iter().map(|c| (c, None)).collect()

@@ -93,7 +93,10 @@ impl PubSub {
             command_timeout: settings.command_timeout,
             lifecycle: lifecycle.clone(),
         };
-        lifecycle.spawn_critical("publisher", pubsub.clone().publish_committed_loop(committed_rx));
+        lifecycle.spawn_critical(
+            "publisher",
+            pubsub.clone().publish_committed_loop(committed_rx),
+        );
         Ok(pubsub)
     }
 
@@ -196,7 +199,8 @@ impl PubSub {
             traceparent: otel::traceparent(&tracing::Span::current()),
         };
         if self.committed.try_send(job).is_err() {
-            metrics::counter!("relay_publish_abandoned_total", "reason" => "queue_full").increment(1);
+            metrics::counter!("relay_publish_abandoned_total", "reason" => "queue_full")
+                .increment(1);
         }
     }
 

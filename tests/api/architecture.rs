@@ -21,17 +21,9 @@ use std::{
 /// `from → {to}`; ordered, so failures print the same way every run.
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
-/// Top-level edges that still close a cycle, left for the delivery-core refactor (another
-/// branch) to remove. Each entry must still exist and still close a cycle, or the test fails:
-/// the list can only shrink, and nothing new hides behind it.
-// TODO(delivery-core): remove once ws/sse/pubsub are refactored
-const ALLOWED_TOP_LEVEL_EDGES: &[(&str, &str)] = &[
-    // ws uses http::error::{ApiError, ErrorBody} and http::middleware::RequestId, while the
-    // router mounts ws::upgrade; the upgrade handler is moving into http.
-    ("ws", "http"),
-    // sse uses http::error::{ApiError, ErrorBody}, while the router mounts sse::stream.
-    ("sse", "http"),
-];
+/// Top-level edges allowed to close a cycle. Empty, and it should stay so: each entry must
+/// still exist and still close a cycle, or the test fails, so the list can only shrink.
+const ALLOWED_TOP_LEVEL_EDGES: &[(&str, &str)] = &[];
 
 #[test]
 fn top_level_modules_form_no_cycle() {
@@ -80,10 +72,10 @@ fn access_log_submodules_form_no_cycle() {
 #[test]
 fn core_depends_only_on_protocol() {
     let crate_src = CrateSources::read();
-    if !crate_src.root.join("core").is_dir() && !crate_src.root.join("core.rs").is_file() {
-        eprintln!("src/core does not exist yet; nothing to check");
-        return;
-    }
+    assert!(
+        crate_src.root.join("core").is_dir(),
+        "src/core is the delivery core"
+    );
     let graph = crate_src.graph(&Granularity::TopLevel);
     let allowed: BTreeSet<String> = ["protocol".to_owned()].into();
     let extra: Vec<&String> = graph
@@ -94,6 +86,30 @@ fn core_depends_only_on_protocol() {
         extra.is_empty(),
         "core may depend on protocol only, but uses: {extra:?}"
     );
+}
+
+/// The session core reaches its connection through a trait: it never imports a transport.
+#[test]
+fn transports_depend_on_the_session_never_the_reverse() {
+    let graph = CrateSources::read().graph(&Granularity::TopLevel);
+    let session = graph.get("session").cloned().unwrap_or_default();
+    for transport in ["ws", "sse", "http"] {
+        assert!(
+            !session.contains(transport),
+            "session must not depend on {transport}; it uses: {session:?}"
+        );
+    }
+    for transport in ["ws", "sse"] {
+        let uses = graph.get(transport).cloned().unwrap_or_default();
+        assert!(
+            uses.contains("session"),
+            "{transport} is a transport of the session: {uses:?}"
+        );
+        assert!(
+            !uses.contains("http"),
+            "{transport} must not depend on http: {uses:?}"
+        );
+    }
 }
 
 /// The checks above are only worth something if they can fail.

@@ -119,6 +119,10 @@ pub struct TestApp {
     _db: Option<TestDatabase>,
     pub db_url: String,
     pub lifecycle: Lifecycle,
+    /// The app's pub/sub handle (test hooks).
+    pub pubsub: relay::pubsub::PubSub,
+    /// The app's message store (to commit behind relay's back in tests).
+    pub store: relay::store::MessageStore,
     pub http: reqwest::Client,
     /// `run_until_stopped`, whose result [`TestApp::wait_stopped`] hands back.
     server: Option<tokio::task::JoinHandle<Result<(), StartupError>>>,
@@ -198,6 +202,8 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
     let addr = app.local_addr();
     let admin_addr = app.admin_addr();
     let lifecycle = app.lifecycle();
+    let pubsub = app.state().pubsub.clone();
+    let store = app.state().store.clone();
     let server = tokio::spawn(app.run_until_stopped());
     TestApp {
         addr,
@@ -206,6 +212,8 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
         settings,
         _db: db,
         lifecycle,
+        pubsub,
+        store,
         http: reqwest::Client::new(),
         server: Some(server),
     }
@@ -486,6 +494,13 @@ impl OwnRedis {
     /// A private Redis on a free port and an app using it, with fast reconnects, so a test can
     /// kill Redis and restart it on the same port.
     pub async fn spawn_app_on_own_redis() -> (TestApp, OwnRedis) {
+        Self::spawn_app_on_own_redis_with(|_| {}).await
+    }
+
+    /// [`OwnRedis::spawn_app_on_own_redis`] after `customise` adjusted the settings.
+    pub async fn spawn_app_on_own_redis_with(
+        customise: impl FnOnce(&mut Settings),
+    ) -> (TestApp, OwnRedis) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -498,6 +513,7 @@ impl OwnRedis {
             s.redis.reconnect_min_delay = Duration::from_millis(50);
             s.redis.reconnect_max_delay = Duration::from_millis(300);
             s.redis.command_timeout = Duration::from_millis(500);
+            customise(s);
         })
         .await;
         (app, redis)

@@ -13,3 +13,4 @@ mod loadgen;
 mod observability;
 mod openapi;
 mod realtime;
+mod recovery;

@@ -1,0 +1,140 @@
+//! The realtime endpoints' HTTP side: `GET /ws` and `GET /sse` validate the request, refuse
+//! with a JSON error before anything is streamed, then start a [`Session`] on the WebSocket or
+//! SSE transport. The sessions themselves know nothing of HTTP.
+
+use std::convert::Infallible;
+
+use axum::{
+    Extension,
+    extract::{RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    http::HeaderMap,
+    response::{
+        Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use futures_util::Stream;
+
+use crate::{
+    access_log::AccessContext,
+    http::error::ApiError,
+    protocol::{QuerySubscription, parse_offset, parse_subscription_query},
+    session::Session,
+    state::AppState,
+    ws,
+};
+
+/// Parse `channels=…&since.…` and apply the per-connection limit.
+fn subscriptions(
+    state: &AppState,
+    query: Option<&str>,
+) -> Result<Vec<QuerySubscription>, ApiError> {
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::Unavailable("server is shutting down".to_owned()));
+    }
+    let subs = parse_subscription_query(query).map_err(ApiError::Validation)?;
+    let max = state.settings.ws.max_subscriptions;
+    if subs.len() > max {
+        return Err(ApiError::Validation(format!(
+            "at most {max} channels per connection"
+        )));
+    }
+    Ok(subs)
+}
+
+/// Validate the query, then upgrade. Refusals happen before the upgrade, as JSON errors.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "realtime",
+    operation_id = "upgrade",
+    description = "WebSocket upgrade. `channels=a,b` subscribes at connect, `since.<channel>=<offset>` resumes; frames in docs/protocol.md.",
+    params(("channels" = Option<String>, Query, description = "Comma-separated channels to subscribe to")),
+    responses(
+        (status = 101, description = "Switching protocols: the WebSocket session starts"),
+        (status = 400, description = "Invalid channels or not a WebSocket request", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Shutting down", body = crate::http::error::ErrorBody),
+    )
+)]
+pub async fn upgrade(
+    State(state): State<AppState>,
+    access: Option<Extension<AccessContext>>,
+    RawQuery(query): RawQuery,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let channels = subscriptions(&state, query.as_deref())?;
+    let ws = ws?;
+    // Count the session from now, so a shutdown starting before the upgrade completes waits.
+    let task = state.lifecycle.task_guard("ws_session");
+    let cfg = &state.settings.ws;
+    let ws = ws
+        .read_buffer_size(cfg.read_buffer_bytes)
+        .write_buffer_size(cfg.read_buffer_bytes)
+        .max_message_size(cfg.max_message_bytes)
+        .max_frame_size(cfg.max_message_bytes);
+    let access = access.map(|Extension(access)| (access, state.access_log.clone()));
+    // axum stores the returned future inside its own upgrade task, next to its upgrade state;
+    // boxing it keeps that task small (see docs/performance.md, memory per connection).
+    Ok(ws.on_upgrade(move |socket| {
+        Box::pin(async move {
+            let transport = ws::WsTransport::new(socket, &state.settings.ws);
+            ws::serve(Session::new(state), transport, channels, access).await;
+            drop(task);
+        })
+    }))
+}
+
+/// Server-Sent Events stream of the listed channels.
+#[cfg(feature = "sse")]
+#[utoipa::path(
+    get,
+    path = "/sse",
+    tag = "realtime",
+    operation_id = "stream",
+    description = "`event: message` with the WebSocket message frame as data and the offset as id; `Last-Event-ID` resumes a single-channel stream. See docs/protocol.md.",
+    params(("channels" = String, Query, description = "Comma-separated channels (at least one)")),
+    responses(
+        (status = 200, description = "text/event-stream", content_type = "text/event-stream"),
+        (status = 400, description = "Invalid channels or Last-Event-ID", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Shutting down or Redis unavailable", body = crate::http::error::ErrorBody),
+    )
+)]
+pub async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let mut subs = subscriptions(&state, query.as_deref())?;
+    if subs.is_empty() {
+        return Err(ApiError::Validation(
+            "give at least one channel: /sse?channels=a,b".to_owned(),
+        ));
+    }
+    if let Some(last_event_id) = headers.get("last-event-id") {
+        let id = last_event_id
+            .to_str()
+            .ok()
+            .and_then(parse_offset)
+            .ok_or_else(|| {
+                ApiError::Validation("Last-Event-ID must be a message offset".to_owned())
+            })?;
+        // Offsets are per channel, so the id only means something for a single-channel stream.
+        if let [only] = subs.as_mut_slice() {
+            only.since = Some(id);
+        }
+    }
+    let mut session = Session::new(state.clone());
+    for sub in &subs {
+        session.subscribe(&sub.channel, sub.since).await;
+    }
+    let within = state.settings.redis.command_timeout + state.settings.database.acquire_timeout;
+    session
+        .confirm_subscriptions(within)
+        .await
+        .map_err(ApiError::Unavailable)?;
+    let (transport, body) = crate::sse::channel(state.settings.ws.write_timeout);
+    state
+        .lifecycle
+        .spawn("sse_session", crate::sse::serve(session, transport));
+    Ok(Sse::new(body).keep_alive(KeepAlive::new().interval(state.settings.sse.keepalive_interval)))
+}
