@@ -4,9 +4,9 @@
 //! * `envelope_parse`: the listener parsing a Redis payload (`Envelope::parse`).
 //! * `frame_encode`: building the shared message frame once per message (`ServerFrame::message`).
 //! * `sequencer_offer`: ordering an in-order offset (`Sequencer::offer`).
-//! * `subscribers_lookup`: finding a channel's subscribers among 10,000 channels.
-//! * `fan_out_10k`: queueing one frame for 10,000 local subscribers (`ChannelRegistry::fan_out`);
-//!   reported per delivery as well. The outboxes are drained outside the timed region after each
+//! * `channel_lookup`: whether a channel matters to this replica, among 10,000 channels.
+//! * `fan_out_10k`: one message into the delivery core for 10,000 local subscribers
+//!   (`Core::message`), without and with an offset; reported per delivery as well. The outboxes are drained outside the timed region after each
 //!   message, so they never overflow and each push sees the common case (a near-empty queue).
 //!   No session task waits on the outboxes here, so the wake-up a real push causes (scheduling
 //!   the session task) is not included: the network-level cost is `relay-loadgen`'s job.
@@ -23,12 +23,12 @@ use std::{
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use relay::{
-    protocol::{Envelope, ServerFrame},
-    pubsub::{
-        outbox::{Outgoing, SessionOutbox},
-        registry::ChannelRegistry,
-        sequencer::Sequencer,
+    core::{
+        Action, Core, CoreSettings,
+        sequencer::{Offer, Sequencer},
     },
+    protocol::{Envelope, ServerFrame},
+    pubsub::outbox::{Outgoing, SessionOutbox},
 };
 use serde_json::value::RawValue;
 
@@ -53,11 +53,14 @@ fn sample_data(pad: usize) -> Box<RawValue> {
 fn envelope_parse(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope_parse");
     for (name, pad) in [("small", 0), ("1KiB", 1000)] {
-        let payload = format!(r#"{{"data":{},"id":4242}}"#, sample_data(pad).get());
+        let payload = format!(
+            r#"{{"data":{},"id":4242,"origin":"relay"}}"#,
+            sample_data(pad).get()
+        );
         group.bench_function(name, |b| {
             b.iter(|| {
                 let env = Envelope::parse(black_box(payload.as_bytes()));
-                black_box(env.map(|e| e.id).ok());
+                black_box(env.map(|e| e.offset()).ok());
             })
         });
     }
@@ -83,64 +86,104 @@ fn sequencer_offer(c: &mut Criterion) {
     c.bench_function("sequencer_offer/in_order", |b| {
         b.iter(|| {
             id += 1;
-            black_box(seq.offer(id, frame.clone(), now).ready.len())
+            black_box(matches!(seq.offer(id, frame.clone(), now), Offer::Ready(_)))
         })
     });
 }
 
-fn subscribers_lookup(c: &mut Criterion) {
-    let mut reg = ChannelRegistry::new();
-    let mut outboxes = Vec::new();
-    for i in 0..10_000 {
-        let channel = format!("room-{i}");
-        let outbox = Arc::new(SessionOutbox::new(OUTBOX_CAPACITY));
-        reg.open(&channel, Sequencer::new(0, GAP_WAIT));
-        reg.add(&channel, &outbox);
-        outboxes.push(outbox);
+/// A core with the broker up, as the listener runs it.
+fn core() -> Core<SessionOutbox> {
+    let mut core = Core::new(CoreSettings {
+        gap_wait: GAP_WAIT,
+        head_check_interval: Duration::from_secs(3600),
+    });
+    core.broker_up(Instant::now());
+    core
+}
+
+/// Subscribe `outboxes` to `channel` and answer the I/O it asks for, as the listener would.
+fn open(core: &mut Core<SessionOutbox>, channel: &str, outboxes: &[Arc<SessionOutbox>]) {
+    for outbox in outboxes {
+        core.subscribe(channel, outbox, None);
     }
-    let mut group = c.benchmark_group("subscribers_lookup");
+    while let Some(action) = core.poll_action() {
+        match action {
+            Action::Subscribe(c) => core.subscribe_result(&c, true),
+            Action::ReadHeads(cs) => core.heads(
+                cs.into_iter().map(|c| (c, Some(0))).collect(),
+                Instant::now(),
+            ),
+            Action::Unsubscribe(_) => {}
+        }
+    }
+    let mut buf = VecDeque::new();
+    for outbox in outboxes {
+        outbox.drain_into(&mut buf);
+        buf.clear();
+    }
+}
+
+fn channel_lookup(c: &mut Criterion) {
+    let mut core = core();
+    for i in 0..10_000 {
+        let outbox = Arc::new(SessionOutbox::new(OUTBOX_CAPACITY));
+        open(&mut core, &format!("room-{i}"), &[outbox]);
+    }
+    let mut group = c.benchmark_group("channel_lookup");
     group.bench_function("hit_of_10k_channels", |b| {
-        b.iter(|| reg.subscribers(black_box("room-5000")).len())
+        b.iter(|| core.is_tracked(black_box("room-5000")))
     });
     group.bench_function("miss_of_10k_channels", |b| {
-        b.iter(|| reg.subscribers(black_box("room-none")).len())
+        b.iter(|| core.is_tracked(black_box("room-none")))
     });
     group.finish();
 }
 
 fn fan_out_10k(c: &mut Criterion) {
     const SUBSCRIBERS: usize = 10_000;
-    let mut reg = ChannelRegistry::new();
-    reg.open("room", Sequencer::new(0, GAP_WAIT));
     let outboxes: Vec<Arc<SessionOutbox>> = (0..SUBSCRIBERS)
         .map(|_| Arc::new(SessionOutbox::new(OUTBOX_CAPACITY)))
         .collect();
-    for outbox in &outboxes {
-        reg.add("room", outbox);
-    }
-    // One reusable drain buffer per session, as each WebSocket session keeps one.
+    let mut core = core();
+    open(&mut core, "room", &outboxes);
+    // One reusable drain buffer per session, as each session keeps one.
     let mut buffers: Vec<VecDeque<Outgoing>> = (0..SUBSCRIBERS).map(|_| VecDeque::new()).collect();
-    let frame = ServerFrame::message("room", &sample_data(0), Some(1));
+    let data = sample_data(0);
 
     let mut group = c.benchmark_group("fan_out_10k");
     group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
-    group.bench_function("one_message", |b| {
-        b.iter_custom(|iters| {
-            let mut timed = Duration::ZERO;
-            for _ in 0..iters {
-                let started = Instant::now();
-                let result = reg.fan_out("room", &frame);
-                timed += started.elapsed();
-                assert_eq!(result.delivered, SUBSCRIBERS, "an outbox overflowed");
-                // What the session tasks would do meanwhile; not part of the fan-out's cost.
-                for (outbox, buf) in outboxes.iter().zip(buffers.iter_mut()) {
-                    outbox.drain_into(buf);
-                    buf.clear();
+    let mut id = 0;
+    for sequenced in [false, true] {
+        let name = if sequenced {
+            "with_offset"
+        } else {
+            "without_offset"
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    // Offsets continue where the last sequenced message left off.
+                    let offset = sequenced.then(|| {
+                        id += 1;
+                        id
+                    });
+                    let frame = ServerFrame::message("room", &data, offset);
+                    let started = Instant::now();
+                    core.message("room", offset, frame, started);
+                    timed += started.elapsed();
+                    let stats = core.take_stats();
+                    assert_eq!(stats.delivered, SUBSCRIBERS as u64, "an outbox overflowed");
+                    // What the session tasks would do meanwhile; not part of the fan-out's cost.
+                    for (outbox, buf) in outboxes.iter().zip(buffers.iter_mut()) {
+                        outbox.drain_into(buf);
+                        buf.clear();
+                    }
                 }
-            }
-            timed
-        })
-    });
+                timed
+            })
+        });
+    }
     group.finish();
 }
 
@@ -151,6 +194,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = envelope_parse, frame_encode, sequencer_offer, subscribers_lookup, fan_out_10k
+    targets = envelope_parse, frame_encode, sequencer_offer, channel_lookup, fan_out_10k
 }
 criterion_main!(benches);

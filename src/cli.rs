@@ -255,7 +255,7 @@ mod tests {
     fn serve_exits_zero_after_shutdown_and_one_after_a_failure() {
         assert_eq!(serve_exit_code(Ok(())), ExitCode::SUCCESS);
         let failed = Err(StartupError::TaskFailed {
-            task: "redis_listener",
+            task: "pubsub_core",
         });
         assert_eq!(serve_exit_code(failed), ExitCode::from(1));
     }

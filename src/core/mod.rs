@@ -317,12 +317,13 @@ impl<T: Subscriber> Core<T> {
             return;
         };
         let waiting = matches!(&entry.state, State::Opening { waiters, .. } if !waiters.is_empty());
-        if entry.subscribers.is_empty() && !waiting {
-            if let Some(entry) = self.channels.remove(channel) {
-                self.gapped.remove(channel);
-                if self.connected {
-                    self.actions.push_back(Action::Unsubscribe(entry.name));
-                }
+        if entry.subscribers.is_empty()
+            && !waiting
+            && let Some(entry) = self.channels.remove(channel)
+        {
+            self.gapped.remove(channel);
+            if self.connected {
+                self.actions.push_back(Action::Unsubscribe(entry.name));
             }
         }
     }
@@ -543,12 +544,14 @@ impl<T: Subscriber> Core<T> {
         entry: &mut Channel<T>,
         item: Outgoing,
     ) {
+        // Control items (catch-up markers) are not deliveries.
+        let frame = u64::from(item.is_frame());
         let subs = &mut entry.subscribers;
         let mut i = 0;
         while i < subs.len() {
             match subs[i].push(item.clone()) {
                 Push::Queued => {
-                    stats.delivered += 1;
+                    stats.delivered += frame;
                     i += 1;
                 }
                 Push::Overflowed => {

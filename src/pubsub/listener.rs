@@ -415,7 +415,7 @@ impl BrokerTask {
                     }
                 }
                 command = self.control.recv() => {
-                    let Some(command) = command else { return None };
+                    let command = command?;
                     if let Err(err) = self.execute(&mut sink, command).await {
                         tracing::warn!(%err, "subscription command failed");
                         return Some("subscription command failed");

@@ -103,24 +103,32 @@ fn describe() {
         "Messages dropped by the sequencer as already delivered"
     );
     describe_counter!(
-        "relay_gap_fills_total",
-        "Gaps in a channel's offsets filled from Postgres"
+        "relay_gaps_declared_total",
+        "Holes in a channel's offsets handed to its subscribers to read from history"
     );
     describe_counter!(
-        "relay_gaps_skipped_total",
-        "Gaps that Postgres could not fill (skipped)"
+        "relay_gaps_signalled_total",
+        "Gap frames sent because history could not provide a range, by reason"
     );
     describe_counter!(
-        "relay_catch_up_messages_total",
-        "Messages read from Postgres after a listener reconnect"
+        "relay_history_pages_read_total",
+        "History pages read for replays and gap fills (shared between connections)"
+    );
+    describe_counter!(
+        "relay_listener_ingest_stalls_total",
+        "Broker connections dropped because the pub/sub core fell behind"
+    );
+    describe_counter!(
+        "relay_listener_io_backlog_total",
+        "Times the pub/sub core's I/O requests waited for a full queue"
     );
     describe_counter!(
         "relay_publish_failures_total",
-        "PUBLISHes that failed after the commit (retried)"
+        "PUBLISH attempts that failed after the commit (retried)"
     );
     describe_counter!(
-        "relay_republish_dropped_total",
-        "Committed messages left to recovery after retries"
+        "relay_publish_abandoned_total",
+        "Committed messages not PUBLISHed (queue_full, attempts); head checks deliver them"
     );
     describe_counter!(
         "relay_history_pruned_total",
