@@ -37,8 +37,13 @@ pub enum HistoryError {
 /// Messages of one history window, encoded once for every connection that reads it.
 pub type Page = Arc<[ServerFrame]>;
 
+/// Cheap to clone: one pointer, because every session keeps one in its state.
 #[derive(Clone)]
 pub struct HistoryReader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     store: MessageStore,
     timeout: Duration,
     pages: Cache<(Arc<str>, i64, i64), Page>,
@@ -60,11 +65,14 @@ impl HistoryReader {
             .max_capacity(100_000)
             .time_to_live(OLDEST_TTL)
             .build();
-        Self {
+        let inner = Inner {
             store,
             timeout,
             pages,
             oldest,
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
@@ -72,10 +80,11 @@ impl HistoryReader {
         &self,
         read: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, HistoryError> {
-        match tokio::time::timeout(self.timeout, read).await {
+        let timeout = self.inner.timeout;
+        match tokio::time::timeout(timeout, read).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(HistoryError::Store(Arc::new(err))),
-            Err(_) => Err(HistoryError::Timeout(self.timeout)),
+            Err(_) => Err(HistoryError::Timeout(timeout)),
         }
     }
 
@@ -88,7 +97,7 @@ impl HistoryReader {
         let read = async {
             let limit = end.saturating_sub(after).max(1);
             let rows = self
-                .bounded(self.store.read_range(channel, after, end, limit))
+                .bounded(self.inner.store.read_range(channel, after, end, limit))
                 .await?;
             metrics::counter!("relay_history_pages_read_total").increment(1);
             Ok::<_, HistoryError>(
@@ -97,7 +106,8 @@ impl HistoryReader {
                     .collect::<Page>(),
             )
         };
-        self.pages
+        self.inner
+            .pages
             .try_get_with((Arc::clone(channel), after, end), read)
             .await
             .map_err(|err| (*err).clone())
@@ -106,10 +116,11 @@ impl HistoryReader {
     /// The oldest offset `channel` still retains (`last + 1` when none is).
     pub async fn oldest(&self, channel: &Arc<str>) -> Result<i64, HistoryError> {
         let read = async {
-            let position = self.bounded(self.store.position(channel)).await?;
+            let position = self.bounded(self.inner.store.position(channel)).await?;
             Ok::<_, HistoryError>(position.oldest_offset)
         };
-        self.oldest
+        self.inner
+            .oldest
             .try_get_with(Arc::clone(channel), read)
             .await
             .map_err(|err| (*err).clone())
@@ -118,6 +129,6 @@ impl HistoryReader {
     /// The committed head of each channel, in input order.
     pub async fn heads(&self, channels: &[Arc<str>]) -> Result<Vec<i64>, HistoryError> {
         let names: Vec<&str> = channels.iter().map(|c| &**c).collect();
-        self.bounded(self.store.heads(&names)).await
+        self.bounded(self.inner.store.heads(&names)).await
     }
 }

@@ -18,7 +18,10 @@ use std::{collections::VecDeque, pin::Pin, sync::Arc, time::Duration};
 use axum::extract::ws::Utf8Bytes;
 
 use crate::{
-    core::subscriptions::{Announce, Subscriptions},
+    core::{
+        Frames,
+        subscriptions::{Announce, Subscriptions},
+    },
     history::{HistoryError, Page},
     protocol::{ClientFrame, ServerFrame},
     publish,
@@ -68,8 +71,10 @@ pub enum Inbound {
 
 /// A connection as the session sees it.
 pub trait Transport: Send {
-    /// Write `frames` and flush; an error ends the session.
-    fn send(&mut self, frames: &[ServerFrame]) -> impl Future<Output = Result<(), End>> + Send;
+    /// Write `frames`, draining them (a frame's bytes are shared by every subscriber, so moving
+    /// them saves a reference-count round trip per delivery), and flush; an error ends the
+    /// session.
+    fn send(&mut self, frames: &mut Frames) -> impl Future<Output = Result<(), End>> + Send;
     /// The next thing the client sent. Transports without client frames (SSE) never return.
     fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
     /// Called every `ws.ping_interval`: ping, and close idle clients.
@@ -115,7 +120,7 @@ pub struct Session {
     announces: VecDeque<Announce>,
     read: Option<Read>,
     /// Frames ready for the transport.
-    out: Vec<ServerFrame>,
+    out: Frames,
     bad_frames: u32,
     traffic: Traffic,
 }
@@ -131,7 +136,7 @@ impl Session {
             queued: VecDeque::new(),
             announces: VecDeque::new(),
             read: None,
-            out: Vec::new(),
+            out: Frames::new(),
             bad_frames: 0,
             traffic: Traffic::default(),
         }
@@ -213,12 +218,14 @@ impl Session {
         self.reply(frame);
     }
 
-    /// Serve the connection until it ends; then release every subscription.
-    pub async fn run(mut self, transport: &mut impl Transport) -> Report {
+    /// Serve the connection until it ends. Dropping the session afterwards releases every
+    /// subscription.
+    pub async fn run(&mut self, transport: &mut impl Transport) -> Report {
         let end = self.event_loop(transport).await;
         let close_code = match end {
             End::Close(code, reason) => {
-                transport.close(code, reason).await;
+                // Boxed: the goodbye's timer is not part of every idle connection's task.
+                Box::pin(transport.close(code, reason)).await;
                 Some(code)
             }
             End::Gone => None,
@@ -227,7 +234,6 @@ impl Session {
             close_code,
             traffic: std::mem::take(&mut self.traffic),
         }
-        // `Drop` releases the subscriptions.
     }
 
     async fn event_loop(&mut self, transport: &mut impl Transport) -> End {
@@ -256,8 +262,11 @@ impl Session {
                     }
                     // Boxed (one small allocation per wake-up) so the write path's futures
                     // are not part of every idle connection's task.
-                    let sent = Box::pin(transport.send(&self.out)).await;
-                    self.out.clear();
+                    let sent = Box::pin(transport.send(&mut self.out)).await;
+                    if self.out.spilled() {
+                        // A burst grew the buffer; give it back rather than keep it idle.
+                        self.out = Frames::new();
+                    }
                     if let Err(end) = sent {
                         return end;
                     }
@@ -321,14 +330,21 @@ impl Session {
             if self.read.is_none() {
                 self.read = self.start_read();
             }
-            let reading = self.read.is_some();
+            if self.read.is_none() {
+                // The common case: nothing to read from history, only the outbox to wait for.
+                self.outbox.ready().await;
+                if self.outbox.drain_into(&mut self.queued) == Drained::Overflowed {
+                    return Err(End::Close(close_code::SLOW_CONSUMER, "slow consumer"));
+                }
+                continue;
+            }
             tokio::select! {
                 _ = self.outbox.ready() => {
                     if self.outbox.drain_into(&mut self.queued) == Drained::Overflowed {
                         return Err(End::Close(close_code::SLOW_CONSUMER, "slow consumer"));
                     }
                 }
-                done = poll_read(&mut self.read), if reading => {
+                done = poll_read(&mut self.read) => {
                     self.read = None;
                     self.finish_read(done);
                 }
@@ -338,14 +354,15 @@ impl Session {
 
     /// The next history read this connection needs: announcements first, then fills.
     fn start_read(&mut self) -> Option<Read> {
-        let history = self.state.history.clone();
         if let Some(announce) = self.announces.pop_front() {
+            let history = self.state.history.clone();
             return Some(Box::pin(async move {
                 let oldest = with_retries(|| history.oldest(&announce.channel)).await;
                 ReadDone::Oldest(announce, oldest)
             }));
         }
         let (channel, window) = self.subs.next_read()?;
+        let history = self.state.history.clone();
         Some(Box::pin(async move {
             let page = with_retries(|| history.page(&channel, window)).await;
             ReadDone::Page(channel, window, page)

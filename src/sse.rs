@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
+    core::Frames,
     protocol::ServerFrame,
     session::{End, Inbound, Session, Transport, close_code},
 };
@@ -44,10 +45,10 @@ pub fn channel(
 }
 
 impl Transport for SseTransport {
-    async fn send(&mut self, frames: &[ServerFrame]) -> Result<(), End> {
+    async fn send(&mut self, frames: &mut Frames) -> Result<(), End> {
         let send_all = async {
-            for frame in frames {
-                self.events.send(Ok(to_event(frame))).await?;
+            for frame in frames.drain(..) {
+                self.events.send(Ok(to_event(&frame))).await?;
             }
             Ok::<_, mpsc::error::SendError<_>>(())
         };
@@ -82,7 +83,7 @@ impl Transport for SseTransport {
 }
 
 /// Serve one SSE stream to its end (the body ends when the transport is dropped).
-pub async fn serve(session: Session, mut transport: SseTransport) {
+pub async fn serve(mut session: Session, mut transport: SseTransport) {
     metrics::gauge!("relay_sse_connections").increment(1.0);
     session.run(&mut transport).await;
     metrics::gauge!("relay_sse_connections").decrement(1.0);

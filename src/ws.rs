@@ -13,7 +13,8 @@ use futures_util::SinkExt;
 use crate::{
     access_log::{AccessContext, AccessLog, EntryKind, SessionStats},
     config::WsSettings,
-    protocol::{QuerySubscription, ServerFrame},
+    core::Frames,
+    protocol::QuerySubscription,
     session::{End, Inbound, Session, Transport, close_code},
 };
 
@@ -49,10 +50,10 @@ async fn bounded(
 }
 
 impl Transport for WsTransport {
-    async fn send(&mut self, frames: &[ServerFrame]) -> Result<(), End> {
+    async fn send(&mut self, frames: &mut Frames) -> Result<(), End> {
         let timeout = self.write_timeout;
-        for frame in frames {
-            bounded(timeout, self.socket.feed(Message::Text(frame.text.clone()))).await?;
+        for frame in frames.drain(..) {
+            bounded(timeout, self.socket.feed(Message::Text(frame.text))).await?;
         }
         bounded(timeout, self.socket.flush()).await
     }
@@ -108,6 +109,7 @@ pub async fn serve(
         Box::pin(session.subscribe(&sub.channel, sub.since)).await;
     }
     let report = session.run(&mut transport).await;
+    drop(session);
     if report.close_code == Some(close_code::SLOW_CONSUMER) {
         metrics::counter!("relay_ws_slow_consumer_closes_total").increment(1);
     }

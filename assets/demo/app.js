@@ -173,6 +173,9 @@
       case 'message':
         onMessage(frame);
         break;
+      case 'gap':
+        onGap(frame);
+        break;
       case 'error':
         onError(frame);
         break;
@@ -231,6 +234,20 @@
       renderChannels();
     }
     appendMessage(frame.channel, id, frame.data, recovered);
+  }
+
+  function onGap(frame) {
+    const ch = channels.get(frame.channel);
+    if (!ch) return;
+    // Offsets from..to are gone (pruned, or history unavailable): never resume before them.
+    ch.cursor = frame.to;
+    if (ch.replayUntil !== null && frame.to >= ch.replayUntil) ch.replayUntil = null;
+    note(
+      'gap',
+      `${frame.channel}: messages #${frame.from}–#${frame.to} could not be recovered and were missed.`,
+      frame.channel,
+    );
+    renderChannels();
   }
 
   function onError(frame) {

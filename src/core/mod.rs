@@ -34,19 +34,26 @@ use crate::protocol::ServerFrame;
 
 use sequencer::{MAX_PENDING, Offer, Sequencer};
 
+/// Frames a connection sends in one write, in order. Most wake-ups carry one frame, which fits
+/// inline: no allocation per delivery, and no buffer kept by idle connections.
+pub type Frames = smallvec::SmallVec<[ServerFrame; 1]>;
+
 /// An item in a session's outbox, in the order the core decided.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     /// Sent as is: replies, and messages without an offset.
     Frame(ServerFrame),
-    /// A message with an offset (`frame.id` is set).
+    /// A message with an offset (`frame.id` is set) of the channel announced with `channel_id`
+    /// in [`Outgoing::Subscribed`]. A number rather than the name: the fan-out then touches no
+    /// shared reference count per delivery beyond the frame's.
     Message {
-        channel: Arc<str>,
+        channel_id: ChannelId,
         frame: ServerFrame,
     },
     /// The subscription is live after offset `last`; `since` asks for a replay first.
     Subscribed {
         channel: Arc<str>,
+        channel_id: ChannelId,
         last: i64,
         since: Option<i64>,
     },
@@ -68,6 +75,9 @@ impl Outgoing {
         matches!(self, Self::Frame(_) | Self::Message { .. })
     }
 }
+
+/// The core's number for a channel, unique for the life of the process.
+pub type ChannelId = u64;
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +136,7 @@ pub struct CoreSettings {
 #[derive(Debug)]
 struct Channel<T> {
     name: Arc<str>,
+    id: ChannelId,
     subscribers: Vec<Arc<T>>,
     state: State<T>,
     /// A head read is requested and not answered yet.
@@ -157,6 +168,7 @@ pub struct Core<T> {
     settings: CoreSettings,
     next_head_check: Option<Instant>,
     subscriptions: usize,
+    next_id: ChannelId,
     stats: Stats,
 }
 
@@ -171,6 +183,7 @@ impl<T: Subscriber> Core<T> {
             settings,
             next_head_check: None,
             subscriptions: 0,
+            next_id: 0,
             stats: Stats::default(),
         }
     }
@@ -243,13 +256,16 @@ impl<T: Subscriber> Core<T> {
             });
             return;
         }
+        let next_id = &mut self.next_id;
         let entry = self
             .channels
             .entry(channel.into())
             .or_insert_with_key(|name| {
                 // First local subscriber: ask the broker for the channel.
+                *next_id += 1;
                 Channel {
                     name: Arc::clone(name),
+                    id: *next_id,
                     subscribers: Vec::new(),
                     state: State::Opening {
                         waiters: Vec::new(),
@@ -275,6 +291,7 @@ impl<T: Subscriber> Core<T> {
                 }
                 sub.push(Outgoing::Subscribed {
                     channel: Arc::clone(&entry.name),
+                    channel_id: entry.id,
                     last,
                     since,
                 });
@@ -452,6 +469,7 @@ impl<T: Subscriber> Core<T> {
             }
             sub.push(Outgoing::Subscribed {
                 channel: Arc::clone(&entry.name),
+                channel_id: entry.id,
                 last: head,
                 since,
             });
@@ -501,12 +519,12 @@ impl<T: Subscriber> Core<T> {
             Offer::Ready(frame) => {
                 let mut ready = Some(frame);
                 while let Some(frame) = ready {
-                    let channel = Arc::clone(&entry.name);
+                    let channel_id = entry.id;
                     Self::push_all(
                         &mut self.stats,
                         &mut self.subscriptions,
                         entry,
-                        Outgoing::Message { channel, frame },
+                        Outgoing::Message { channel_id, frame },
                     );
                     ready = match &mut entry.state {
                         State::Open { seq } => seq.pop_ready(),

@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 
 use crate::protocol::ServerFrame;
 
+use super::Frames;
+
 /// Offsets read per history page.
 pub const PAGE: i64 = 500;
 
@@ -88,7 +90,7 @@ impl ChannelStream {
     }
 
     /// A live message with offset `id`; what must be sent now is appended to `out`.
-    pub fn on_message(&mut self, id: i64, frame: ServerFrame, out: &mut Vec<ServerFrame>) {
+    pub fn on_message(&mut self, id: i64, frame: ServerFrame, out: &mut Frames) {
         match &mut self.state {
             State::Pending => {}
             State::Live { last } => {
@@ -161,7 +163,7 @@ impl ChannelStream {
 
     /// Move past `after` without sending anything (the `subscribed` frame already said that
     /// history starts later).
-    pub fn skip_to(&mut self, after: i64, channel: &str, out: &mut Vec<ServerFrame>) {
+    pub fn skip_to(&mut self, after: i64, channel: &str, out: &mut Frames) {
         if let State::Filling {
             after: current,
             upto,
@@ -181,7 +183,7 @@ impl ChannelStream {
         channel: &str,
         window: (i64, i64),
         rows: &[ServerFrame],
-        out: &mut Vec<ServerFrame>,
+        out: &mut Frames,
     ) {
         let State::Filling {
             after,
@@ -218,7 +220,7 @@ impl ChannelStream {
     }
 
     /// History cannot be read: signal the whole rest of the fill as a gap and go live.
-    pub fn on_unreadable(&mut self, channel: &str, out: &mut Vec<ServerFrame>) {
+    pub fn on_unreadable(&mut self, channel: &str, out: &mut Frames) {
         if let State::Filling {
             after,
             upto,
@@ -234,7 +236,7 @@ impl ChannelStream {
         self.switch_if_done(channel, out);
     }
 
-    fn switch_if_done(&mut self, channel: &str, out: &mut Vec<ServerFrame>) {
+    fn switch_if_done(&mut self, channel: &str, out: &mut Frames) {
         let State::Filling {
             after,
             upto,
@@ -291,7 +293,7 @@ mod tests {
     fn replay_then_held_live_frames_with_no_duplicate() {
         let mut s = ChannelStream::pending(8);
         assert_eq!(s.confirm(5, Some(2)), Confirmed::Fresh);
-        let mut out = Vec::new();
+        let mut out = Frames::new();
         s.on_message(6, frame(6), &mut out);
         s.on_message(5, frame(5), &mut out);
         assert!(out.is_empty(), "held during the replay");
@@ -311,7 +313,7 @@ mod tests {
         let mut s = ChannelStream::pending(8);
         s.confirm(0, None);
         s.on_catch_up(1500);
-        let mut out = Vec::new();
+        let mut out = Frames::new();
         let (after, end) = s.next_read().unwrap();
         assert_eq!((after, end), (0, PAGE));
         // Retention kept only 1001.., so two windows find nothing: one gap frame for both.
@@ -335,7 +337,7 @@ mod tests {
     fn an_unannounced_jump_is_filled_not_skipped() {
         let mut s = ChannelStream::pending(8);
         s.confirm(3, None);
-        let mut out = Vec::new();
+        let mut out = Frames::new();
         s.on_message(7, frame(7), &mut out);
         assert!(out.is_empty());
         assert_eq!(s.next_read(), Some((3, 6)));
@@ -348,7 +350,7 @@ mod tests {
         let mut s = ChannelStream::pending(2);
         s.confirm(0, None);
         s.on_catch_up(2);
-        let mut out = Vec::new();
+        let mut out = Frames::new();
         for id in 3..=5 {
             s.on_message(id, frame(id), &mut out);
         }
@@ -362,7 +364,7 @@ mod tests {
     fn unreadable_history_is_signalled_once() {
         let mut s = ChannelStream::pending(8);
         s.confirm(10, Some(4));
-        let mut out = Vec::new();
+        let mut out = Frames::new();
         s.on_message(11, frame(11), &mut out);
         s.on_unreadable("c", &mut out);
         assert_eq!(seen(&out), [-5, 11]);

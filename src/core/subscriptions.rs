@@ -10,13 +10,15 @@ use std::sync::Arc;
 use crate::protocol::ServerFrame;
 
 use super::{
-    Outgoing,
+    ChannelId, Frames, Outgoing,
     stream::{ChannelStream, Confirmed},
 };
 
 #[derive(Debug)]
 struct Entry {
     channel: Arc<str>,
+    /// The core's number for the channel, from its `Subscribed` answer.
+    id: Option<ChannelId>,
     stream: ChannelStream,
     /// A `since` subscription waits for the channel's retained range before it is announced
     /// (and before it reads history).
@@ -38,6 +40,9 @@ pub struct Announce {
 pub struct Subscriptions {
     entries: Vec<Entry>,
     hold_limit: usize,
+    /// Some channel may be filling: [`Subscriptions::next_read`] must look. Kept so that the
+    /// common case (every channel live) answers without touching the entries.
+    maybe_filling: bool,
 }
 
 impl Subscriptions {
@@ -46,6 +51,7 @@ impl Subscriptions {
         Self {
             entries: Vec::new(),
             hold_limit,
+            maybe_filling: false,
         }
     }
 
@@ -78,8 +84,12 @@ impl Subscriptions {
     /// The client asked to subscribe: track the channel until the core answers.
     pub fn request(&mut self, channel: &str) {
         if !self.contains(channel) {
+            // Grow one at a time: most connections hold one or two channels, and every idle
+            // connection would otherwise carry room for four.
+            self.entries.reserve_exact(1);
             self.entries.push(Entry {
                 channel: channel.into(),
+                id: None,
                 stream: ChannelStream::pending(self.hold_limit),
                 announcing: false,
                 repeats: 0,
@@ -88,16 +98,19 @@ impl Subscriptions {
     }
 
     /// Apply one outbox item; frames to send now are appended to `out`.
-    pub fn apply(&mut self, item: Outgoing, out: &mut Vec<ServerFrame>) -> Option<Announce> {
+    pub fn apply(&mut self, item: Outgoing, out: &mut Frames) -> Option<Announce> {
         match item {
             Outgoing::Frame(frame) => out.push(frame),
-            Outgoing::Message { channel, frame } => {
-                if let (Some(i), Some(id)) = (self.find(&channel), frame.id) {
-                    self.entries[i].stream.on_message(id, frame, out);
+            Outgoing::Message { channel_id, frame } => {
+                let entry = self.entries.iter_mut().find(|e| e.id == Some(channel_id));
+                if let (Some(entry), Some(id)) = (entry, frame.id) {
+                    entry.stream.on_message(id, frame, out);
+                    self.maybe_filling |= entry.stream.next_read().is_some();
                 }
             }
             Outgoing::Subscribed {
                 channel,
+                channel_id,
                 last,
                 since,
             } => {
@@ -108,7 +121,9 @@ impl Subscriptions {
                         self.entries.len() - 1
                     }
                 };
+                self.maybe_filling = true;
                 let entry = &mut self.entries[i];
+                entry.id = Some(channel_id);
                 match (entry.stream.confirm(last, since), since) {
                     (Confirmed::Repeat { .. }, _) if entry.announcing => entry.repeats += 1,
                     (Confirmed::Repeat { last_id }, _) => {
@@ -144,6 +159,7 @@ impl Subscriptions {
                 out.push(ServerFrame::unsubscribed(&channel));
             }
             Outgoing::CatchUp { channel, upto } => {
+                self.maybe_filling = true;
                 if let Some(i) = self.find(&channel) {
                     self.entries[i].stream.on_catch_up(upto);
                 }
@@ -155,15 +171,11 @@ impl Subscriptions {
     /// Announce a `since` subscription once the channel's oldest retained offset is known
     /// (`None`: history could not be read). `subscribed` says whether everything after `since`
     /// follows (`recovered`); the replay starts at what is still retained.
-    pub fn announce(
-        &mut self,
-        announce: &Announce,
-        oldest: Option<i64>,
-        out: &mut Vec<ServerFrame>,
-    ) {
+    pub fn announce(&mut self, announce: &Announce, oldest: Option<i64>, out: &mut Frames) {
         let Some(i) = self.find(&announce.channel) else {
             return;
         };
+        self.maybe_filling = true;
         let entry = &mut self.entries[i];
         if !entry.announcing {
             return;
@@ -204,11 +216,19 @@ impl Subscriptions {
     }
 
     /// The history window to read next, if a channel is filling.
-    pub fn next_read(&self) -> Option<(Arc<str>, (i64, i64))> {
-        self.entries
+    pub fn next_read(&mut self) -> Option<(Arc<str>, (i64, i64))> {
+        if !self.maybe_filling {
+            return None;
+        }
+        // The window first: cloning the name is only worth it when there is something to read.
+        let next = self
+            .entries
             .iter()
             .filter(|e| !e.announcing)
-            .find_map(|e| Some((Arc::clone(&e.channel), e.stream.next_read()?)))
+            .find_map(|e| e.stream.next_read().map(|w| (Arc::clone(&e.channel), w)));
+        // Announcing entries will read after their announcement, which sets the flag again.
+        self.maybe_filling = next.is_some();
+        next
     }
 
     /// Feed a page read for `window` of `channel`.
@@ -217,7 +237,7 @@ impl Subscriptions {
         channel: &str,
         window: (i64, i64),
         rows: &[ServerFrame],
-        out: &mut Vec<ServerFrame>,
+        out: &mut Frames,
     ) {
         if let Some(i) = self.find(channel) {
             self.entries[i].stream.on_page(channel, window, rows, out);
@@ -225,7 +245,7 @@ impl Subscriptions {
     }
 
     /// History for `channel` cannot be read: signal the rest of its fill as a gap.
-    pub fn on_unreadable(&mut self, channel: &str, out: &mut Vec<ServerFrame>) {
+    pub fn on_unreadable(&mut self, channel: &str, out: &mut Frames) {
         if let Some(i) = self.find(channel) {
             self.entries[i].stream.on_unreadable(channel, out);
         }

@@ -20,7 +20,7 @@ use proptest::prelude::*;
 use serde_json::value::RawValue;
 
 use super::{
-    Action, Core, CoreSettings, Outgoing, Push, Subscriber,
+    Action, Core, CoreSettings, Frames, Outgoing, Push, Subscriber,
     subscriptions::{Announce, Subscriptions},
 };
 use crate::protocol::{FrameKind, ServerFrame};
@@ -245,7 +245,7 @@ impl World {
     fn run_sessions(&mut self, failing: bool) {
         for s in 0..SESSIONS {
             loop {
-                let mut out = Vec::new();
+                let mut out = Frames::new();
                 let session = &mut self.sessions[s];
                 let item = session.outbox.0.borrow_mut().pop_front();
                 if let Some(item) = item {

@@ -198,10 +198,12 @@ impl PubSub {
             id,
             traceparent: otel::traceparent(&tracing::Span::current()),
         };
-        if self.committed.try_send(job).is_err() {
-            metrics::counter!("relay_publish_abandoned_total", "reason" => "queue_full")
-                .increment(1);
-        }
+        let reason = match self.committed.try_send(job) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => "queue_full",
+            Err(mpsc::error::TrySendError::Closed(_)) => "shutting_down",
+        };
+        metrics::counter!("relay_publish_abandoned_total", "reason" => reason).increment(1);
     }
 
     /// The publisher task: PUBLISH committed messages, up to [`PUBLISH_IN_FLIGHT`] at once, each
