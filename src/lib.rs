@@ -7,11 +7,17 @@
 //!   [`access_log`] writes the access log off the request path.
 //! * [`app::Application`] builds the service from settings: clients are created once and put in
 //!   [`state::AppState`]; the [`lifecycle::Lifecycle`] owns every background task and shutdown.
-//! * [`pubsub`] runs the listener task (Redis, or in-process in embedded mode) and fans messages
-//!   out to local sessions through bounded outboxes; [`ws`] and [`sse`] are those sessions;
-//!   [`protocol`] is the wire format.
-//! * [`publish`] is the publish path (commit, then PUBLISH); [`history`] replays stored messages
-//!   for `since` subscriptions; [`retention`] prunes old history in the background.
+//! * [`core`](crate::core) is the delivery core, without I/O: channel registry, per-channel sequencing,
+//!   recovery decisions, and how one connection's stream stays ordered and gap-free. Events go
+//!   in, actions come out; it is property-tested against a model.
+//! * [`pubsub`] is the I/O around it: the broker (Redis, or in-process in embedded mode), the
+//!   core task, the head reads and the publisher, joined by bounded queues. [`history`] is the
+//!   shared, bounded history reader.
+//! * [`session`] is one client connection for both transports: subscriptions, outbox, paced
+//!   replay, limits. [`ws`] and [`sse`] are thin transports under it; [`protocol`] is the wire
+//!   format.
+//! * [`publish`] is the publish path (commit, then hand the PUBLISH to the service);
+//!   [`retention`] prunes old history in the background.
 //! * [`http`] holds the router, the error type and middleware; [`store`] is the message store
 //!   (Postgres, or memory in embedded mode) and every SQL query.
 //! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`).

@@ -408,7 +408,12 @@ fn check_segment(world: &World, c: usize, segment: &[Seen]) -> Result<i64, TestC
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+    // 3,000 histories per run unless PROPTEST_CASES asks for more (or fewer).
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000),
+        max_shrink_iters: 2000,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn every_connection_gets_every_offset_once_in_order_or_a_gap(ops in proptest::collection::vec(op(), 1..80)) {

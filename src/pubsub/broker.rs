@@ -170,6 +170,12 @@ impl Incoming {
 }
 
 impl Stream {
+    /// Whether the driver keeps buffering while nobody reads (Redis: without bound). The
+    /// in-process queue is bounded and makes its publishers wait instead.
+    pub fn buffers_without_bound(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+
     /// The next message; None when the connection is gone.
     pub async fn next(&mut self) -> Option<Incoming> {
         match self {

@@ -53,6 +53,8 @@ const BATCH: usize = 256;
 /// How long the broker reader waits for room in a full inbox before it gives up the
 /// connection (and with it the driver's unbounded buffer).
 pub const INGEST_STALL: Duration = Duration::from_secs(5);
+/// How soon the core task retries I/O requests that found their queue full.
+const BACKLOG_RETRY: Duration = Duration::from_millis(10);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const SUBSCRIBE_CHUNK: usize = 512;
 
@@ -153,6 +155,15 @@ enum Control {
     Unsubscribe(Arc<str>),
 }
 
+impl From<Control> for Action {
+    fn from(control: Control) -> Self {
+        match control {
+            Control::Subscribe(channel) => Action::Subscribe(channel),
+            Control::Unsubscribe(channel) => Action::Unsubscribe(channel),
+        }
+    }
+}
+
 struct CoreTask {
     core: Core<SessionOutbox>,
     inbox: mpsc::Receiver<Event>,
@@ -167,18 +178,32 @@ struct CoreTask {
 
 impl CoreTask {
     async fn run(mut self) {
+        // One timer, moved only when the core's next deadline changes: registering a fresh one
+        // per event would churn the runtime's timer wheel (and wake parked workers) per message.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
-            let deadline = self.core.next_deadline();
             let backlogged = !self.backlog.is_empty();
+            // The I/O queues were full: try again shortly.
+            let deadline = match self.core.next_deadline() {
+                Some(d) if backlogged => Some(d.min(Instant::now() + BACKLOG_RETRY)),
+                None if backlogged => Some(Instant::now() + BACKLOG_RETRY),
+                d => d,
+            };
+            if deadline != armed {
+                if let Some(deadline) = deadline {
+                    timer.as_mut().reset(deadline.into());
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 _ = self.lifecycle.cancelled() => break,
                 event = self.inbox.recv() => match event {
                     Some(event) => self.handle(event),
                     None => break,
                 },
-                _ = sleep_until_opt(deadline) => {}
-                // The I/O queues were full: try again shortly.
-                _ = tokio::time::sleep(Duration::from_millis(10)), if backlogged => {}
+                _ = &mut timer, if armed.is_some() => armed = None,
             }
             for _ in 1..BATCH {
                 match self.inbox.try_recv() {
@@ -271,21 +296,10 @@ impl CoreTask {
     /// Hand the core's I/O requests to the broker and heads tasks, never waiting.
     fn dispatch(&mut self) {
         while let Some(action) = self.backlog.pop_front().or_else(|| self.core.poll_action()) {
+            let control = |c: Control| self.control.try_send(c).map_err(|e| e.into_inner().into());
             let sent = match action {
-                Action::Subscribe(channel) => self
-                    .control
-                    .try_send(Control::Subscribe(channel))
-                    .map_err(|e| match e.into_inner() {
-                        Control::Subscribe(c) => Action::Subscribe(c),
-                        Control::Unsubscribe(c) => Action::Unsubscribe(c),
-                    }),
-                Action::Unsubscribe(channel) => self
-                    .control
-                    .try_send(Control::Unsubscribe(channel))
-                    .map_err(|e| match e.into_inner() {
-                        Control::Subscribe(c) => Action::Subscribe(c),
-                        Control::Unsubscribe(c) => Action::Unsubscribe(c),
-                    }),
+                Action::Subscribe(channel) => control(Control::Subscribe(channel)),
+                Action::Unsubscribe(channel) => control(Control::Unsubscribe(channel)),
                 Action::ReadHeads(channels) => self
                     .heads
                     .try_send(channels)
@@ -405,6 +419,13 @@ impl BrokerTask {
                 _ = self.lifecycle.cancelled() => return None,
                 msg = stream.next() => {
                     let Some(msg) = msg else { return Some("connection closed") };
+                    if !stream.buffers_without_bound() {
+                        // In-process: waiting here makes the publishers wait; nothing piles up.
+                        if self.inbox.send(Event::Message(msg)).await.is_err() {
+                            return None;
+                        }
+                        continue;
+                    }
                     match tokio::time::timeout(INGEST_STALL, self.inbox.send(Event::Message(msg))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return None,
@@ -499,13 +520,6 @@ async fn read_heads(
         if inbox.send(Event::Heads(answers)).await.is_err() {
             return;
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
-        None => std::future::pending().await,
     }
 }
 
