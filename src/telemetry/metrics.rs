@@ -128,7 +128,7 @@ fn describe() {
     );
     describe_counter!(
         "relay_publish_abandoned_total",
-        "Committed messages not PUBLISHed (queue_full, attempts, shutting_down); head checks deliver them"
+        "Committed messages not PUBLISHed (queue_full, attempts, broker_down, shutting_down); head checks deliver them"
     );
     describe_counter!(
         "relay_history_pruned_total",
