@@ -180,13 +180,14 @@ impl Application {
         );
         tracing::info!(addr = %local_addr, admin = %admin_addr, "listening");
         let app = http::router(state.clone());
-        let server = axum::serve(
+        let server = http::serve::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(lifecycle.cancelled_owned());
+            app,
+            state.settings.http.header_timeout,
+            lifecycle.clone(),
+        );
         // Boxed so it can be dropped (with its router and state) before the flush phase.
-        let mut server = Box::pin(std::future::IntoFuture::into_future(server));
+        let mut server = Box::pin(server);
         // The server only ends by itself on an accept-loop error.
         let early_exit = tokio::select! {
             result = &mut server => Some(result),

@@ -164,6 +164,9 @@ pub struct HttpSettings {
     /// Time allowed to produce response headers (streams and WebSockets are not cut by it).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Time a client has to send a complete request head; slower connections are closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
     pub max_body_bytes: usize,
     /// Origins allowed by CORS; empty disables CORS, `["*"]` allows any origin.
     pub cors_allowed_origins: Vec<String>,
@@ -433,6 +436,7 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         positive("http.request_timeout", self.http.request_timeout)?;
+        positive("http.header_timeout", self.http.header_timeout)?;
         if self.http.max_body_bytes == 0 {
             return Err(ConfigError::invalid(
                 "http.max_body_bytes",

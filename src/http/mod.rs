@@ -12,6 +12,7 @@ pub mod health;
 pub mod messages;
 pub mod middleware;
 pub mod realtime;
+pub mod serve;
 
 use axum::{
     Router,

@@ -1,6 +1,9 @@
-use serde_json::Value;
+use std::time::{Duration, Instant};
 
-use crate::helpers::{spawn_app, spawn_app_unready};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{spawn_app, spawn_app_unready, spawn_app_with};
 
 #[tokio::test]
 async fn healthz_is_ok() {
@@ -131,4 +134,34 @@ async fn errors_have_one_json_shape() {
     assert!(body["error"]["code"].is_string());
     let res = app.get("/ws?channels=bad%20name").await;
     assert_error_shape(res, 400, "invalid_input").await;
+}
+
+/// A client that sends half a request line and stalls is disconnected after
+/// `http.header_timeout`, while everyone else is served as usual.
+#[tokio::test]
+async fn a_client_stalling_in_the_request_head_is_disconnected() {
+    let app = spawn_app_with(|s| s.http.header_timeout = Duration::from_millis(500)).await;
+    let mut stalled = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stalled.write_all(b"GET /healthz HT").await.unwrap();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 512];
+        // Whatever hyper says first (if anything), the connection must end.
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a stalled request head kept its connection for 5 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed before the timeout"
+    );
+    assert_eq!(app.get("/healthz").await.status(), 200);
 }
