@@ -178,6 +178,10 @@ pub struct HealthSettings {
     /// Budget for each dependency check of `/readyz`.
     #[serde(with = "humantime_serde")]
     pub check_timeout: Duration,
+    /// One round of dependency checks answers every `/readyz` for this long (0: every request
+    /// checks), so the public endpoint cannot be used to amplify load on Postgres and Redis.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

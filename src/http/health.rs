@@ -5,10 +5,18 @@
 //! * `GET /readyz` — readiness: Postgres answers `SELECT 1`, Redis answers `PING`, the pub/sub
 //!   listener is connected, and shutdown has not begun. Checks run concurrently, each within
 //!   `health.check_timeout`.
+//!
+//! `/readyz` is on the public port, so it must not be an amplifier: the dependency round trips
+//! are shared — concurrent requests wait for one check, and its result is reused for
+//! `health.cache_ttl`. The body names what failed, never the driver's error text (that goes to the
+//! log).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
+use axum::{Extension, Json, extract::State, http::StatusCode, response::IntoResponse};
 use serde::Serialize;
 use serde_json::json;
 
@@ -20,15 +28,16 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Check {
     status: &'static str,
     latency_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    error: Option<&'static str>,
 }
 
 async fn check<E: std::fmt::Display>(
+    name: &'static str,
     budget: Duration,
     fut: impl Future<Output = Result<(), E>>,
 ) -> Check {
@@ -37,13 +46,49 @@ async fn check<E: std::fmt::Display>(
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let error = match result {
         Ok(Ok(())) => None,
-        Ok(Err(err)) => Some(err.to_string()),
-        Err(_) => Some(format!("no answer within {budget:?}")),
+        Ok(Err(err)) => {
+            tracing::warn!(check = name, %err, "readiness check failed");
+            Some("error")
+        }
+        Err(_) => {
+            tracing::warn!(check = name, ?budget, "readiness check timed out");
+            Some("timeout")
+        }
     };
     Check {
         status: if error.is_none() { "ok" } else { "fail" },
         latency_ms,
         error,
+    }
+}
+
+/// The last round of dependency checks, shared by every `/readyz` of the app (an extension of
+/// its router).
+#[derive(Debug, Default)]
+pub struct ReadinessCache {
+    last: tokio::sync::Mutex<Option<(Instant, Check, Check)>>,
+}
+
+impl ReadinessCache {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// History and broker checks, at most one round per `health.cache_ttl`; callers arriving
+    /// during a round wait for it instead of starting their own.
+    async fn checks(&self, state: &AppState) -> (Check, Check) {
+        let mut last = self.last.lock().await;
+        if let Some((at, history, broker)) = &*last
+            && at.elapsed() < state.settings.health.cache_ttl
+        {
+            return (history.clone(), broker.clone());
+        }
+        let budget = state.settings.health.check_timeout;
+        let history = check("history", budget, state.store.ping());
+        let broker = check("broker", budget, state.pubsub.ping());
+        let (history, broker) = tokio::join!(history, broker);
+        *last = Some((Instant::now(), history.clone(), broker.clone()));
+        (history, broker)
     }
 }
 
@@ -57,11 +102,11 @@ async fn check<E: std::fmt::Display>(
         (status = 503, description = "Not ready (a dependency failed or shutting down)", body = serde_json::Value),
     )
 )]
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let budget = state.settings.health.check_timeout;
-    let history = check(budget, state.store.ping());
-    let broker = check(budget, state.pubsub.ping());
-    let (history, broker) = tokio::join!(history, broker);
+pub async fn readyz(
+    State(state): State<AppState>,
+    Extension(readiness): Extension<Arc<ReadinessCache>>,
+) -> impl IntoResponse {
+    let (history, broker) = readiness.checks(&state).await;
     let listener_ok = state.pubsub.is_listening();
     let draining = state.lifecycle.is_draining();
     let ready = history.error.is_none() && broker.error.is_none() && listener_ok && !draining;

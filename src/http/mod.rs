@@ -83,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         }),
     )
     .with_state(state)
+    .layer(axum::Extension(health::ReadinessCache::new()))
     .layer(
         ServiceBuilder::new()
             .layer(SetSensitiveRequestHeadersLayer::new([

@@ -40,7 +40,9 @@ async fn readyz_is_503_when_redis_is_unreachable() {
     assert_eq!(body["status"], "unavailable");
     assert_eq!(body["checks"]["postgres"]["status"], "ok");
     assert_eq!(body["checks"]["redis"]["status"], "fail");
-    assert!(body["checks"]["redis"]["error"].is_string());
+    // What failed, never the driver's error text (that is logged).
+    let error = body["checks"]["redis"]["error"].as_str().unwrap();
+    assert!(["error", "timeout"].contains(&error), "{body}");
     // Liveness does not depend on Redis.
     assert_eq!(app.get("/healthz").await.status(), 200);
 }

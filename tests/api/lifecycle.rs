@@ -88,6 +88,8 @@ async fn a_dead_critical_task_turns_readiness_off_and_stops_the_app_with_an_erro
         s.database.max_connections = 1;
         s.database.acquire_timeout = Duration::from_secs(10);
         s.health.check_timeout = Duration::from_secs(10);
+        // This /readyz must really check, not answer from the last round.
+        s.health.cache_ttl = Duration::ZERO;
     })
     .await;
     let pool = app.db_pool().await;
