@@ -26,6 +26,7 @@
 
 pub mod access_log;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod core;
