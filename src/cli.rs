@@ -184,9 +184,7 @@ fn token(settings: &Settings, sub: &str, channels: ChannelClaims, ttl: Duration)
             ExitCode::SUCCESS
         }
         None => {
-            eprintln!(
-                "relay token: no HS256 key: set auth.hs256_secret (APP__AUTH__HS256_SECRET)"
-            );
+            eprintln!("relay token: no HS256 key: set auth.hs256_secret (APP__AUTH__HS256_SECRET)");
             ExitCode::FAILURE
         }
     }

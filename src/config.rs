@@ -636,13 +636,6 @@ impl Settings {
                 "must be at least 32 bytes (or empty for no HS256 key)",
             ));
         }
-        // Fail closed: `required` without any key would refuse every client; say so at startup.
-        if a.mode == AuthMode::Required && secret.is_empty() && a.key_files.is_empty() {
-            return Err(ConfigError::invalid(
-                "auth.mode",
-                "is `required` but no key is configured: set auth.hs256_secret or auth.key_files",
-            ));
-        }
         positive("auth.handshake_timeout", a.handshake_timeout)?;
         positive("auth.expiry_warning", a.expiry_warning)?;
         Ok(())

@@ -234,10 +234,9 @@ impl Session {
                 self.deadline_changed = true;
                 Ok(())
             }
-            Access::AwaitingToken => Err(End::Close(
-                close_code::AUTH_FAILED,
-                "no auth frame in time",
-            )),
+            Access::AwaitingToken => {
+                Err(End::Close(close_code::AUTH_FAILED, "no auth frame in time"))
+            }
             Access::Granted(p) if !self.warned && !p.expires_in().is_zero() => {
                 self.reply(ServerFrame::token_expiring(p.exp));
                 self.warned = true;

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use crate::{
-    access_log::AccessLog, auth::Authenticator, config::Settings, history::HistoryReader, lifecycle::Lifecycle,
-    pubsub::PubSub, store::MessageStore,
+    access_log::AccessLog, auth::Authenticator, config::Settings, history::HistoryReader,
+    lifecycle::Lifecycle, pubsub::PubSub, store::MessageStore,
 };
 
 #[derive(Clone)]

@@ -57,6 +57,11 @@ pub enum KeyError {
     Parse { path: String, reason: String },
     #[error("auth.hs256_secret: {0}")]
     Secret(String),
+    #[error(
+        "auth.mode is `required` but no key is configured: set auth.hs256_secret \
+         (APP__AUTH__HS256_SECRET) or auth.key_files"
+    )]
+    NoKey,
 }
 
 /// Who the client is and what it may do, from a verified token.
@@ -162,6 +167,10 @@ impl Authenticator {
         for path in &settings.key_files {
             keys.extend(load_key_file(path)?);
         }
+        // Fail closed and loudly: `required` without a key would refuse every client.
+        if settings.mode == AuthMode::Required && keys.is_empty() {
+            return Err(KeyError::NoKey);
+        }
         Ok(Self {
             mode: settings.mode,
             keys,
@@ -235,7 +244,11 @@ impl Authenticator {
 
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut v = Validation::new(alg);
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // A configured `aud`/`iss` must be present, not merely right when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        v.set_required_spec_claims(&required);
         v.validate_nbf = true;
         v.leeway = self.leeway;
         match &self.audience {
@@ -280,8 +293,8 @@ fn load_key_file(path: &Path) -> Result<Vec<Key>, KeyError> {
         reason,
     };
     if path.extension().is_some_and(|e| e == "json") {
-        let set: JwkSet = serde_json::from_slice(&text)
-            .map_err(|e| parse(format!("is not a JWKS ({e})")))?;
+        let set: JwkSet =
+            serde_json::from_slice(&text).map_err(|e| parse(format!("is not a JWKS ({e})")))?;
         let mut keys = Vec::new();
         for jwk in &set.keys {
             let kid = jwk.common.key_id.clone();
@@ -290,20 +303,21 @@ fn load_key_file(path: &Path) -> Result<Vec<Key>, KeyError> {
                     "key {kid:?}: only RS256, ES256 and HS256 keys are supported"
                 ))
             })?;
-            let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| parse(format!("key {kid:?}: {e}")))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| parse(format!("key {kid:?}: {e}")))?;
             keys.push(Key { kid, alg, key });
         }
         return Ok(keys);
     }
-    let kid = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned());
+    let kid = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     let (alg, key) = match DecodingKey::from_ec_pem(&text) {
         Ok(key) => (Algorithm::ES256, key),
         Err(_) => match DecodingKey::from_rsa_pem(&text) {
             Ok(key) => (Algorithm::RS256, key),
-            Err(e) => return Err(parse(format!("is not an EC P-256 or RSA public key PEM ({e})"))),
+            Err(e) => {
+                return Err(parse(format!(
+                    "is not an EC P-256 or RSA public key PEM ({e})"
+                )));
+            }
         },
     };
     Ok(vec![Key { kid, alg, key }])
@@ -386,16 +400,28 @@ mod tests {
         let now = now_secs();
         let expired = sign(&serde_json::json!({"sub":"a","exp":now - 10}), SECRET);
         assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
-        let early = sign(&serde_json::json!({"sub":"a","exp":now + 60,"nbf":now + 30}), SECRET);
+        let early = sign(
+            &serde_json::json!({"sub":"a","exp":now + 60,"nbf":now + 30}),
+            SECRET,
+        );
         assert_eq!(auth.verify(&early), Err(AuthError::NotYetValid));
         let no_sub = sign(&serde_json::json!({"exp":now + 60}), SECRET);
-        assert!(matches!(auth.verify(&no_sub), Err(AuthError::InvalidClaims(_))));
+        assert!(matches!(
+            auth.verify(&no_sub),
+            Err(AuthError::InvalidClaims(_))
+        ));
         let bad_pattern = sign(
             &serde_json::json!({"sub":"a","exp":now + 60,"channels":{"subscribe":["a*b"]}}),
             SECRET,
         );
-        assert!(matches!(auth.verify(&bad_pattern), Err(AuthError::InvalidClaims(_))));
-        let forged = sign(&serde_json::json!({"sub":"a","exp":now + 60}), "another-secret-that-is-long-enough!!");
+        assert!(matches!(
+            auth.verify(&bad_pattern),
+            Err(AuthError::InvalidClaims(_))
+        ));
+        let forged = sign(
+            &serde_json::json!({"sub":"a","exp":now + 60}),
+            "another-secret-that-is-long-enough!!",
+        );
         assert_eq!(auth.verify(&forged), Err(AuthError::Invalid));
         assert_eq!(auth.verify("not.a.token"), Err(AuthError::Invalid));
     }
@@ -407,7 +433,10 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = b64.encode(format!(r#"{{"sub":"a","exp":{}}}"#, now_secs() + 60));
-        assert_eq!(auth.verify(&format!("{header}.{body}.")), Err(AuthError::Invalid));
+        assert_eq!(
+            auth.verify(&format!("{header}.{body}.")),
+            Err(AuthError::Invalid)
+        );
     }
 
     #[test]
@@ -417,12 +446,27 @@ mod tests {
         s.issuer = "https://issuer.example".into();
         let auth = Authenticator::from_settings(&s).unwrap();
         let exp = now_secs() + 60;
-        let good = sign(&serde_json::json!({"sub":"a","exp":exp,"aud":"relay","iss":"https://issuer.example"}), SECRET);
+        let good = sign(
+            &serde_json::json!({"sub":"a","exp":exp,"aud":"relay","iss":"https://issuer.example"}),
+            SECRET,
+        );
         assert!(auth.verify(&good).is_ok());
-        let wrong_aud = sign(&serde_json::json!({"sub":"a","exp":exp,"aud":"other","iss":"https://issuer.example"}), SECRET);
-        assert_eq!(auth.verify(&wrong_aud), Err(AuthError::WrongAudienceOrIssuer));
-        let wrong_iss = sign(&serde_json::json!({"sub":"a","exp":exp,"aud":"relay","iss":"evil"}), SECRET);
-        assert_eq!(auth.verify(&wrong_iss), Err(AuthError::WrongAudienceOrIssuer));
+        let wrong_aud = sign(
+            &serde_json::json!({"sub":"a","exp":exp,"aud":"other","iss":"https://issuer.example"}),
+            SECRET,
+        );
+        assert_eq!(
+            auth.verify(&wrong_aud),
+            Err(AuthError::WrongAudienceOrIssuer)
+        );
+        let wrong_iss = sign(
+            &serde_json::json!({"sub":"a","exp":exp,"aud":"relay","iss":"evil"}),
+            SECRET,
+        );
+        assert_eq!(
+            auth.verify(&wrong_iss),
+            Err(AuthError::WrongAudienceOrIssuer)
+        );
     }
 
     #[test]

@@ -146,7 +146,16 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_refused() {
-        for bad in ["", "a*b", "**", "*a", "chat:**", "sp ace", "a/b*", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "a*b",
+            "**",
+            "*a",
+            "chat:**",
+            "sp ace",
+            "a/b*",
+            &"x".repeat(129),
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad:?} must be refused");
         }
     }

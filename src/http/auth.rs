@@ -118,7 +118,9 @@ fn same_host(origin: &str, host: &str) -> bool {
     let Ok(host_url) = url::Url::parse(&format!("{}://{host}", url.scheme())) else {
         return false;
     };
-    host_url.host_str().is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
+    host_url
+        .host_str()
+        .is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
         && host_url.port_or_known_default() == Some(origin_port)
 }
 
@@ -142,7 +144,13 @@ mod tests {
         let none: Vec<String> = Vec::new();
         assert!(check_origin(&headers(None, "relay:8080"), &none).is_ok());
         assert!(check_origin(&headers(Some("http://relay:8080"), "relay:8080"), &none).is_ok());
-        assert!(check_origin(&headers(Some("https://relay.example"), "relay.example"), &none).is_ok());
+        assert!(
+            check_origin(
+                &headers(Some("https://relay.example"), "relay.example"),
+                &none
+            )
+            .is_ok()
+        );
         assert!(check_origin(&headers(Some("http://relay:9999"), "relay:8080"), &none).is_err());
         assert!(check_origin(&headers(Some("https://evil.example"), "relay:8080"), &none).is_err());
         assert!(check_origin(&headers(Some("null"), "relay:8080"), &none).is_err());
@@ -155,11 +163,17 @@ mod tests {
     #[test]
     fn bearer_and_query_tokens() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc.def.ghi"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc.def.ghi"),
+        );
         assert_eq!(bearer(&h), Some("abc.def.ghi"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
         assert_eq!(bearer(&h), None);
-        assert_eq!(query_token(Some("channels=a&token=t%2B1")), Some("t+1".to_owned()));
+        assert_eq!(
+            query_token(Some("channels=a&token=t%2B1")),
+            Some("t+1".to_owned())
+        );
         assert_eq!(query_token(Some("channels=a")), None);
     }
 }

@@ -133,13 +133,11 @@ pub async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     auth::check_origin(&headers, &state.settings.ws.allowed_origins)?;
     let query_token = auth::query_token(query.as_deref());
-    let session_access = match auth::authenticate(
-        &state,
-        auth::bearer(&headers).or(query_token.as_deref()),
-    )? {
-        Some(principal) => Access::Granted(principal),
-        None => Access::Open,
-    };
+    let session_access =
+        match auth::authenticate(&state, auth::bearer(&headers).or(query_token.as_deref()))? {
+            Some(principal) => Access::Granted(principal),
+            None => Access::Open,
+        };
     let mut subs = subscriptions(&state, query.as_deref())?;
     if subs.is_empty() {
         return Err(ApiError::Validation(
