@@ -32,6 +32,7 @@ FLUSH_SECONDS = 5
 PLACEHOLDER_SECRETS = {
     "APP__DATABASE__URL": "postgres://relay:placeholder@postgres.invalid:5432/relay",
     "APP__REDIS__URL": "redis://redis.invalid:6379",
+    "APP__AUTH__HS256_SECRET": "placeholder-placeholder-placeholder-0123",
 }
 UNITS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 

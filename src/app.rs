@@ -64,6 +64,8 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Auth(#[from] crate::auth::KeyError),
     #[error("server error: {0}")]
     Serve(#[source] std::io::Error),
     /// A task spawned with [`Lifecycle::spawn_critical`] ended before shutdown.
@@ -83,6 +85,8 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
+        // Keys first: a missing key file should stop startup before anything connects.
+        let auth = Arc::new(crate::auth::Authenticator::from_settings(&settings.auth)?);
         let lifecycle = Lifecycle::new();
         let store = open_store(&settings).await?;
         // Bind before starting any task, so a failed bind leaves none behind.
@@ -119,6 +123,7 @@ impl Application {
             pubsub,
             lifecycle,
             access_log,
+            auth,
         };
         Ok(Self {
             listener,

@@ -1,4 +1,4 @@
-//! The command line: `relay [serve|migrate|check-config|healthcheck]`.
+//! The command line: `relay [serve|migrate|check-config|healthcheck|openapi|token]`.
 
 use std::{process::ExitCode, time::Duration};
 
@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     app::{Application, StartupError},
+    auth::{Authenticator, ChannelClaims},
     config::{LoadOptions, Settings},
     lifecycle::shutdown_signal,
     store, telemetry,
@@ -32,6 +33,24 @@ pub enum Command {
     CheckConfig,
     /// Print the OpenAPI document of the HTTP API (the one served at /api-docs/openapi.json).
     Openapi,
+    /// Print a signed HS256 token (with auth.hs256_secret) for development and tests.
+    Token {
+        /// The `sub` claim.
+        #[arg(long)]
+        sub: String,
+        /// Channel (or `prefix*`) the token may subscribe to; repeat for more.
+        #[arg(long)]
+        subscribe: Vec<String>,
+        /// Channel (or `prefix*`) the token may publish on; repeat for more.
+        #[arg(long)]
+        publish: Vec<String>,
+        /// Channel (or `prefix*`) whose history the token may read; repeat for more.
+        #[arg(long)]
+        history: Vec<String>,
+        /// Lifetime, e.g. `1h`, `15m`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
     /// GET the service's own /readyz; exit 0 when ready, 1 otherwise.
     Healthcheck {
         /// URL to check instead of http://127.0.0.1:{server.port}/readyz.
@@ -55,6 +74,20 @@ pub fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => check_config(&settings),
+        Command::Token {
+            sub,
+            subscribe,
+            publish,
+            history,
+            ttl,
+        } => {
+            let channels = crate::auth::ChannelClaims {
+                subscribe,
+                publish,
+                history,
+            };
+            token(&settings, &sub, channels, ttl)
+        }
         Command::Openapi => match crate::http::openapi().to_pretty_json() {
             Ok(json) => {
                 println!("{json}");
@@ -111,6 +144,11 @@ where
 }
 
 fn check_config(settings: &Settings) -> ExitCode {
+    // The key files are part of the configuration: refuse what startup would refuse.
+    if let Err(err) = Authenticator::from_settings(&settings.auth) {
+        eprintln!("relay: invalid configuration: {err}");
+        return ExitCode::from(2);
+    }
     match serde_json::to_string_pretty(settings) {
         Ok(json) => {
             println!("{json}");
@@ -118,6 +156,35 @@ fn check_config(settings: &Settings) -> ExitCode {
         }
         Err(err) => {
             eprintln!("relay: cannot print configuration: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(settings: &Settings, sub: &str, channels: ChannelClaims, ttl: Duration) -> ExitCode {
+    // Refuse bad patterns here rather than mint a token every server would reject.
+    if let Err(err) = crate::auth::Permissions::from_claims(&channels) {
+        eprintln!("relay token: {err}");
+        return ExitCode::from(2);
+    }
+    if sub.is_empty() {
+        eprintln!("relay token: --sub must not be empty");
+        return ExitCode::from(2);
+    }
+    let auth = match Authenticator::from_settings(&settings.auth) {
+        Ok(auth) => auth,
+        Err(err) => {
+            eprintln!("relay: invalid configuration: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match auth.issue(sub, channels, ttl) {
+        Some(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("relay token: no HS256 key: set auth.hs256_secret (APP__AUTH__HS256_SECRET)");
             ExitCode::FAILURE
         }
     }

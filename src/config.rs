@@ -80,6 +80,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub access_log: AccessLogSettings,
     pub demo: DemoSettings,
+    pub auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -200,6 +201,9 @@ pub struct WsSettings {
     /// A write the client does not accept within this time closes the connection.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Origins (besides the request's own host) allowed to open a WebSocket or SSE stream;
+    /// `["*"]` allows any. Requests without an `Origin` header (non-browsers) are not refused.
+    pub allowed_origins: Vec<String>,
     /// Socket read chunk size; small keeps idle connections cheap.
     pub read_buffer_bytes: usize,
     /// Write coalescing: after the first frame arrives, wait this long for more before writing,
@@ -312,6 +316,8 @@ const LIST_KEYS: &[&str] = &[
     "http.cors_allowed_origins",
     "access_log.sinks",
     "access_log.trusted_proxies",
+    "ws.allowed_origins",
+    "auth.key_files",
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -319,6 +325,50 @@ const LIST_KEYS: &[&str] = &[
 pub struct DemoSettings {
     /// Serve the live demo page at `/`; off in production, where `/` is a plain 404.
     pub enabled: bool,
+    /// Serve `GET /demo/token` (a short-lived HS256 token for the page) while the demo is on and
+    /// `auth.hs256_secret` is set. A development convenience: anyone who can load the page gets
+    /// a token, so it is off unless a config opts in.
+    pub token_enabled: bool,
+    /// Lifetime of a demo token.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+}
+
+/// Whether clients must present a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every WebSocket, SSE and message-API request needs a valid token.
+    Required,
+    /// No checks at all (local development only; refused with `APP_ENV=production`).
+    Disabled,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// Shared secret for HS256 tokens; empty = no HS256 key. At least 32 bytes.
+    pub hs256_secret: Secret,
+    /// Key id of the HS256 secret; tokens naming another `kid` are not checked against it.
+    /// Empty = the secret has no id (tokens with or without a `kid` may use it).
+    pub hs256_kid: String,
+    /// Public keys for RS256/ES256: PEM files (the key id is the file name without `.pem`) or
+    /// JWKS files (`.json`; each key's `kid`, `alg` from the key or its type).
+    pub key_files: Vec<PathBuf>,
+    /// Required `aud` claim; empty = `aud` is not checked.
+    pub audience: String,
+    /// Required `iss` claim; empty = `iss` is not checked.
+    pub issuer: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// A WebSocket opened without a token must send its `auth` frame within this time.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// `token_expiring` is sent this long before the token's `exp`.
+    #[serde(with = "humantime_serde")]
+    pub expiry_warning: Duration,
 }
 
 impl Settings {
@@ -374,7 +424,19 @@ impl Settings {
         let raw = builder.build()?;
         let settings: Settings = raw.try_deserialize()?;
         settings.validate()?;
+        settings.validate_for_env(&opts.app_env)?;
         Ok(settings)
+    }
+
+    /// Checks that depend on the environment: production never runs without authentication.
+    pub fn validate_for_env(&self, app_env: &str) -> Result<(), ConfigError> {
+        if app_env == "production" && self.auth.mode == AuthMode::Disabled {
+            return Err(ConfigError::invalid(
+                "auth.mode",
+                "`disabled` is refused with APP_ENV=production; configure a key and keep `required`",
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that types alone cannot express.
@@ -536,6 +598,16 @@ impl Settings {
         for proxy in &a.trusted_proxies {
             parse_net(proxy).map_err(|e| ConfigError::invalid("access_log.trusted_proxies", e))?;
         }
+        for origin in &self.ws.allowed_origins {
+            if origin != "*" && url::Url::parse(origin).map_or(true, |u| u.host_str().is_none()) {
+                return Err(ConfigError::invalid(
+                    "ws.allowed_origins",
+                    format!("`{origin}` is not an origin such as https://app.example.com"),
+                ));
+            }
+        }
+        self.validate_auth()?;
+        positive("demo.token_ttl", self.demo.token_ttl)?;
         let h = &self.history;
         positive("history.ttl", h.ttl)?;
         positive("history.prune_interval", h.prune_interval)?;
@@ -557,6 +629,23 @@ impl Settings {
                 "must not exceed history.max_page_size",
             ));
         }
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        let secret = a.hs256_secret.expose();
+        // HS256 is only as strong as the secret; RFC 7518 asks for at least the hash size.
+        if !secret.is_empty() && secret.len() < 32 {
+            return Err(ConfigError::invalid(
+                "auth.hs256_secret",
+                "must be at least 32 bytes (or empty for no HS256 key)",
+            ));
+        }
+        positive("auth.handshake_timeout", a.handshake_timeout)?;
+        positive("auth.expiry_warning", a.expiry_warning)?;
         Ok(())
     }
 }
@@ -631,6 +720,43 @@ impl Serialize for SecretUrl {
     }
 }
 
+/// A secret string (the HS256 secret). `Debug` and `Serialize` print `***` (or nothing when
+/// empty); the value is only reachable through [`Secret::expose`].
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(SecretString::from(value.into()))
+    }
+
+    /// The real value. Only hand it to the code that signs or verifies with it.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.expose().is_empty()
+    }
+
+    fn redacted(&self) -> &'static str {
+        if self.is_empty() { "" } else { "***" }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.redacted())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.redacted())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -641,5 +767,13 @@ mod tests {
         assert_eq!(url.redacted(), "postgres://app:***@db:5432/relay");
         assert!(!format!("{url:?}").contains("hunter2"));
         assert!(!serde_json::to_string(&url).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let secret = Secret::new("a-very-long-shared-secret-of-32-bytes!");
+        assert_eq!(format!("{secret:?}"), "***");
+        assert_eq!(serde_json::to_string(&secret).unwrap(), r#""***""#);
+        assert_eq!(format!("{:?}", Secret::new("")), "");
     }
 }

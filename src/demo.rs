@@ -7,8 +7,13 @@
 //! are separate same-origin files so the Content-Security-Policy can forbid every inline script
 //! and style. The page is switched off with `demo.enabled = false` (the production default);
 //! then none of its routes exist and `/` is the ordinary JSON 404.
+//!
+//! With authentication on, the page needs a token. `GET /demo/token` hands it a short-lived
+//! HS256 token for every channel, but only when a config opts in (`demo.token_enabled`, set by
+//! the local config) and an `auth.hs256_secret` exists; otherwise the route does not exist and
+//! the page connects without a token (as it must with `auth.mode = disabled`).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use axum::{
     Router,
@@ -19,7 +24,10 @@ use axum::{
 };
 use serde::Deserialize;
 
-use crate::config::DemoSettings;
+use crate::{
+    auth::{Authenticator, ChannelClaims},
+    config::DemoSettings,
+};
 
 const INDEX_HTML: &str = include_str!("../assets/demo/index.html");
 const APP_JS: &str = include_str!("../assets/demo/app.js");
@@ -56,15 +64,57 @@ static PAGE_HTML: LazyLock<String> =
     LazyLock::new(|| INDEX_HTML.replace(VERSION_PLACEHOLDER, &ASSET_VERSION));
 
 /// The demo routes, or none when the demo is switched off (so `/` falls through to the 404).
-pub fn routes<S: Clone + Send + Sync + 'static>(settings: &DemoSettings) -> Router<S> {
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    settings: &DemoSettings,
+    auth: Arc<Authenticator>,
+) -> Router<S> {
     if !settings.enabled {
         return Router::new();
     }
-    Router::new()
+    let router = Router::new()
         .route("/", get(page))
         .route("/demo/app.js", get(script))
         .route("/demo/app.css", get(stylesheet))
-        .route("/demo/favicon.svg", get(favicon))
+        .route("/demo/favicon.svg", get(favicon));
+    // Only where a token means something (auth on) and the config asked for it.
+    if !(settings.token_enabled && auth.is_required() && auth.can_sign()) {
+        return router;
+    }
+    let ttl = settings.token_ttl;
+    router.route(
+        "/demo/token",
+        get(move || {
+            let auth = Arc::clone(&auth);
+            async move { demo_token(&auth, ttl) }
+        }),
+    )
+}
+
+/// A token for a fresh demo identity, allowed everything (the page subscribes, publishes and
+/// reads history on whatever channels the visitor types).
+fn demo_token(auth: &Authenticator, ttl: std::time::Duration) -> Response {
+    let all = || vec!["*".to_owned()];
+    let channels = ChannelClaims {
+        subscribe: all(),
+        publish: all(),
+        history: all(),
+    };
+    let sub = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    match auth.issue(&sub, channels, ttl) {
+        Some(token) => {
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                + ttl.as_secs();
+            let body = serde_json::json!({ "token": token, "exp": exp });
+            let mut res = axum::Json(body).into_response();
+            // A credential: never cached by the browser or a proxy.
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
+        }
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 /// `?v=` on asset URLs: the content version the HTML asked for.

@@ -18,14 +18,18 @@
 //!   format.
 //! * [`publish`] is the publish path (commit, then hand the PUBLISH to the service);
 //!   [`retention`] prunes old history in the background.
+//! * [`auth`] verifies tokens (JWT) into one [`auth::Principal`] and matches channel
+//!   permissions; the session and the HTTP layer enforce it.
 //! * [`http`] holds the router, the error type and middleware; [`store`] is the message store
 //!   (Postgres, or memory in embedded mode) and every SQL query.
-//! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`).
+//! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`,
+//!   `token`).
 //!
 //! Tests and benchmarks start the real service in-process with [`app::Application`].
 
 pub mod access_log;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod core;

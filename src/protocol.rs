@@ -117,6 +117,14 @@ pub enum ClientFrame<'a> {
         data: &'a RawValue,
     },
     Ping,
+    /// The handshake frame of a WebSocket opened without a token.
+    Auth {
+        token: Cow<'a, str>,
+    },
+    /// A new token for the same `sub`, answering `token_expiring`.
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// A client frame that could not be accepted; becomes an `error` frame, the connection stays.
@@ -162,6 +170,12 @@ struct SubscribeBody<'a> {
     channel: Cow<'a, str>,
     #[serde(default)]
     since: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct TokenBody<'a> {
+    #[serde(borrow)]
+    token: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +236,12 @@ impl<'a> ClientFrame<'a> {
                 }
             }
             "ping" => Self::Ping,
+            "auth" => Self::Auth {
+                token: body::<TokenBody>("auth", text)?.token,
+            },
+            "refresh" => Self::Refresh {
+                token: body::<TokenBody>("refresh", text)?.token,
+            },
             other => return Err(FrameError::UnknownType(truncate(other, 64).to_owned())),
         };
         Ok(frame)
@@ -250,6 +270,8 @@ pub enum FrameKind {
     Pong,
     Gap,
     Error,
+    Authenticated,
+    TokenExpiring,
 }
 
 impl FrameKind {
@@ -261,6 +283,8 @@ impl FrameKind {
             Self::Pong => "pong",
             Self::Gap => "gap",
             Self::Error => "error",
+            Self::Authenticated => "authenticated",
+            Self::TokenExpiring => "token_expiring",
         }
     }
 }
@@ -318,6 +342,21 @@ struct ErrorJson<'a> {
     ty: &'static str,
     code: &'a str,
     message: &'a str,
+}
+
+#[derive(Serialize)]
+struct AuthenticatedJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    sub: &'a str,
+    exp: u64,
+}
+
+#[derive(Serialize)]
+struct ExpiringJson {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    exp: u64,
 }
 
 fn encode(kind: FrameKind, value: &impl Serialize, id: Option<i64>) -> ServerFrame {
@@ -379,6 +418,26 @@ impl ServerFrame {
             channel,
         };
         encode(FrameKind::Unsubscribed, &json, None)
+    }
+
+    /// `{"type":"authenticated","sub":…,"exp":…}`: the token (handshake frame or refresh) was
+    /// accepted; its permissions apply from now on.
+    pub fn authenticated(sub: &str, exp: u64) -> Self {
+        let json = AuthenticatedJson {
+            ty: "authenticated",
+            sub,
+            exp,
+        };
+        encode(FrameKind::Authenticated, &json, None)
+    }
+
+    /// `{"type":"token_expiring","exp":…}`: send a `refresh` before `exp` or be closed (4003).
+    pub fn token_expiring(exp: u64) -> Self {
+        let json = ExpiringJson {
+            ty: "token_expiring",
+            exp,
+        };
+        encode(FrameKind::TokenExpiring, &json, None)
     }
 
     /// `{"type":"pong"}`

@@ -18,6 +18,7 @@ use std::{collections::VecDeque, pin::Pin, sync::Arc, time::Duration};
 use axum::extract::ws::Utf8Bytes;
 
 use crate::{
+    auth::{Action, Principal},
     core::{
         Frames,
         subscriptions::{Announce, Subscriptions},
@@ -39,6 +40,10 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const IDLE_TIMEOUT: u16 = 4000;
+    /// The handshake frame was missing, late, not an `auth` frame, or its token was refused.
+    pub const AUTH_FAILED: u16 = 4001;
+    /// The token expired without a `refresh`.
+    pub const TOKEN_EXPIRED: u16 = 4003;
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
@@ -100,6 +105,21 @@ pub struct Report {
     /// The close code sent, if the connection was still there to receive one.
     pub close_code: Option<u16>,
     pub traffic: Traffic,
+    /// The authenticated `sub`, for the access log.
+    pub subject: Option<String>,
+}
+
+/// What the connection may do. Decided by the transport's HTTP side (a token in the request,
+/// or none), then changed only by the session (handshake frame, refresh).
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// `auth.mode = disabled`: nothing is checked, exactly as without authentication.
+    Open,
+    /// A WebSocket opened without a token: until an `auth` frame is accepted (within
+    /// `auth.handshake_timeout`) no other frame is; query subscriptions wait for it.
+    AwaitingToken,
+    /// Every subscribe and publish is checked against this principal until its `exp`.
+    Granted(Principal),
 }
 
 /// A history read in flight, owned by the session so that `select!` can drop and re-poll it.
@@ -123,12 +143,26 @@ pub struct Session {
     out: Frames,
     bad_frames: u32,
     traffic: Traffic,
+    access: Access,
+    /// Subscriptions asked for before the handshake frame; made once it is accepted.
+    pending: Vec<(String, Option<i64>)>,
+    /// Handshake deadline, or the next expiry step of the token; `None` without auth. The
+    /// event loop owns the timer itself and re-arms it when `deadline_changed`.
+    auth_deadline: Option<tokio::time::Instant>,
+    deadline_changed: bool,
+    /// `token_expiring` was sent for the current token.
+    warned: bool,
 }
 
 impl Session {
+    /// A session without authentication checks ([`Access::Open`]).
     pub fn new(state: AppState) -> Self {
+        Self::with_access(state, Access::Open)
+    }
+
+    pub fn with_access(state: AppState, access: Access) -> Self {
         let capacity = state.settings.ws.outbox_capacity;
-        Self {
+        let mut session = Self {
             outbox: Arc::new(SessionOutbox::new(capacity)),
             // A replaying channel holds at most as many live frames as the outbox would.
             subs: Subscriptions::new(capacity),
@@ -139,12 +173,144 @@ impl Session {
             out: Frames::new(),
             bad_frames: 0,
             traffic: Traffic::default(),
+            access,
+            pending: Vec::new(),
+            auth_deadline: None,
+            deadline_changed: false,
+            warned: false,
+        };
+        session.arm_auth_timer();
+        session
+    }
+
+    /// The one authorisation check of both transports: may this connection do `action` on
+    /// `channel`? Err is the message of the `forbidden` answer.
+    pub fn authorise(&self, action: Action, channel: &str) -> Result<(), String> {
+        match &self.access {
+            Access::Open => Ok(()),
+            Access::Granted(p) if p.allows(action, channel) => Ok(()),
+            Access::Granted(p) => Err(format!(
+                "`{}` may not {} `{channel}`",
+                p.sub,
+                action.as_str()
+            )),
+            Access::AwaitingToken => Err("not authenticated yet".to_owned()),
+        }
+    }
+
+    /// The authenticated subject, if any.
+    pub fn subject(&self) -> Option<&str> {
+        match &self.access {
+            Access::Granted(p) => Some(&p.sub),
+            _ => None,
+        }
+    }
+
+    /// Set the timer for the current access: the handshake deadline, or the token's warning
+    /// (`auth.expiry_warning` before `exp`) and then its expiry.
+    fn arm_auth_timer(&mut self) {
+        let auth = &self.state.settings.auth;
+        let now = tokio::time::Instant::now();
+        let deadline = match &self.access {
+            Access::Open => None,
+            Access::AwaitingToken => Some(now + auth.handshake_timeout),
+            Access::Granted(p) => {
+                let left = p.expires_in();
+                Some(if self.warned {
+                    now + left
+                } else {
+                    now + left.saturating_sub(auth.expiry_warning)
+                })
+            }
+        };
+        self.auth_deadline = deadline;
+        self.deadline_changed = true;
+    }
+
+    fn on_auth_timer(&mut self) -> Result<(), End> {
+        match &self.access {
+            Access::Open => {
+                self.auth_deadline = None;
+                self.deadline_changed = true;
+                Ok(())
+            }
+            Access::AwaitingToken => {
+                Err(End::Close(close_code::AUTH_FAILED, "no auth frame in time"))
+            }
+            Access::Granted(p) if !self.warned && !p.expires_in().is_zero() => {
+                self.reply(ServerFrame::token_expiring(p.exp));
+                self.warned = true;
+                self.arm_auth_timer();
+                Ok(())
+            }
+            Access::Granted(_) => Err(End::Close(close_code::TOKEN_EXPIRED, "token expired")),
+        }
+    }
+
+    /// The handshake frame: the only frame accepted while [`Access::AwaitingToken`].
+    async fn on_handshake(&mut self, text: &str) -> Result<(), End> {
+        const REFUSED: End = End::Close(close_code::AUTH_FAILED, "authentication failed");
+        let Ok(ClientFrame::Auth { token }) = ClientFrame::parse(text) else {
+            return Err(End::Close(
+                close_code::AUTH_FAILED,
+                "the first frame must be {\"type\":\"auth\",\"token\":…}",
+            ));
+        };
+        let principal = match self.state.auth.verify(&token) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::debug!(%err, "WebSocket handshake frame refused");
+                return Err(REFUSED);
+            }
+        };
+        self.reply(ServerFrame::authenticated(&principal.sub, principal.exp));
+        self.access = Access::Granted(principal);
+        self.warned = false;
+        self.arm_auth_timer();
+        for (channel, since) in std::mem::take(&mut self.pending) {
+            Box::pin(self.subscribe(&channel, since)).await;
+        }
+        Ok(())
+    }
+
+    /// `refresh`: a new token for the same subject replaces the old one and its permissions;
+    /// channels it no longer allows are unsubscribed. A refused refresh leaves the old token
+    /// in force (until its `exp`).
+    async fn refresh(&mut self, token: &str) {
+        let Access::Granted(current) = &self.access else {
+            return;
+        };
+        let principal = match self.state.auth.verify(token) {
+            Ok(p) if p.sub == current.sub => p,
+            Ok(_) => {
+                return self.reply(ServerFrame::error(
+                    "unauthorized",
+                    "a refresh token must have the same `sub`",
+                ));
+            }
+            Err(err) => return self.reply(ServerFrame::error("unauthorized", &err.to_string())),
+        };
+        self.reply(ServerFrame::authenticated(&principal.sub, principal.exp));
+        self.access = Access::Granted(principal);
+        self.warned = false;
+        self.arm_auth_timer();
+        for channel in self.subs.channels() {
+            if self.authorise(Action::Subscribe, &channel).is_err() {
+                self.unsubscribe(&channel).await;
+            }
         }
     }
 
     /// Subscribe (the same path for the query string and for frames): the answer arrives
-    /// through the outbox. This is where an authorisation check belongs.
+    /// through the outbox. Checked against the principal first (`forbidden` otherwise).
     pub async fn subscribe(&mut self, channel: &str, since: Option<i64>) {
+        if matches!(self.access, Access::AwaitingToken) {
+            self.pending.push((channel.to_owned(), since));
+            return;
+        }
+        if let Err(message) = self.authorise(Action::Subscribe, channel) {
+            return self.reply(ServerFrame::error("forbidden", &message));
+        }
         let max = self.state.settings.ws.max_subscriptions;
         if !self.subs.contains(channel) && self.subs.len() >= max {
             return self.reply(ServerFrame::error(
@@ -213,6 +379,11 @@ impl Session {
         self.outbox.reply(frame);
     }
 
+    fn unknown_frame(&mut self, ty: &str) {
+        let err = crate::protocol::FrameError::UnknownType(ty.to_owned());
+        self.bad_frame(ServerFrame::error(err.code(), &err.to_string()));
+    }
+
     fn bad_frame(&mut self, frame: ServerFrame) {
         self.bad_frames += 1;
         self.reply(frame);
@@ -233,6 +404,7 @@ impl Session {
         Report {
             close_code,
             traffic: std::mem::take(&mut self.traffic),
+            subject: self.subject().map(str::to_owned),
         }
     }
 
@@ -243,7 +415,14 @@ impl Session {
         // Created once: re-creating it per wake-up would re-register with the token each time.
         let cancelled = lifecycle.cancelled();
         tokio::pin!(keepalive, cancelled);
+        // Boxed and optional: connections without authentication carry no timer.
+        let mut auth_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
+            if std::mem::take(&mut self.deadline_changed) {
+                auth_timer = self
+                    .auth_deadline
+                    .map(|d| Box::pin(tokio::time::sleep_until(d)));
+            }
             tokio::select! {
                 _ = &mut cancelled => return End::Close(close_code::GOING_AWAY, "server shutting down"),
                 ready = self.next_output() => {
@@ -277,7 +456,9 @@ impl Session {
                         self.traffic.bytes_in += text.len() as u64;
                         // Boxed: frame handling (publish, subscribe) needs large futures that
                         // would otherwise bloat every idle connection's task.
-                        Box::pin(self.on_text(&text)).await;
+                        if let Err(end) = Box::pin(self.on_text(&text)).await {
+                            return end;
+                        }
                         if self.bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES {
                             return End::Close(close_code::POLICY, "too many invalid frames");
                         }
@@ -294,6 +475,11 @@ impl Session {
                     Inbound::Alive => {}
                     Inbound::End(end) => return end,
                 },
+                _ = poll_timer(&mut auth_timer) => {
+                    if let Err(end) = self.on_auth_timer() {
+                        return end;
+                    }
+                }
                 _ = &mut keepalive => {
                     if let Err(end) = Box::pin(transport.keepalive()).await {
                         return end;
@@ -395,23 +581,42 @@ impl Session {
         }
     }
 
-    async fn on_text(&mut self, text: &str) {
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+        if matches!(self.access, Access::AwaitingToken) {
+            return self.on_handshake(text).await;
+        }
         let frame = match ClientFrame::parse(text) {
             Ok(frame) => frame,
-            Err(err) => return self.bad_frame(ServerFrame::error(err.code(), &err.to_string())),
+            Err(err) => {
+                self.bad_frame(ServerFrame::error(err.code(), &err.to_string()));
+                return Ok(());
+            }
         };
         self.bad_frames = 0;
         match frame {
             ClientFrame::Subscribe { channel, since } => self.subscribe(&channel, since).await,
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(&channel).await,
+            ClientFrame::Auth { token } | ClientFrame::Refresh { token }
+                if matches!(self.access, Access::Granted(_)) =>
+            {
+                self.refresh(&token).await
+            }
+            // Without authentication these frames do not exist, exactly as before it did.
+            ClientFrame::Auth { .. } => self.unknown_frame("auth"),
+            ClientFrame::Refresh { .. } => self.unknown_frame("refresh"),
             ClientFrame::Publish { channel, data } => {
+                if let Err(message) = self.authorise(Action::Publish, &channel) {
+                    self.reply(ServerFrame::error("forbidden", &message));
+                    return Ok(());
+                }
                 // Refused while this replica has no broker connection: an interactive publisher
                 // gets a definite answer and can retry (the HTTP API accepts durably instead).
                 if !self.state.pubsub.is_listening() {
-                    return self.reply(ServerFrame::error(
+                    self.reply(ServerFrame::error(
                         "unavailable",
                         "not connected to Redis; publish again shortly",
                     ));
+                    return Ok(());
                 }
                 if let Err(err) = publish::publish(&self.state, &channel, data).await {
                     tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
@@ -423,6 +628,7 @@ impl Session {
             }
             ClientFrame::Ping => self.reply(ServerFrame::pong()),
         }
+        Ok(())
     }
 }
 
@@ -437,6 +643,13 @@ impl Drop for Session {
 async fn poll_read(read: &mut Option<Read>) -> ReadDone {
     match read {
         Some(read) => read.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_timer(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
     }
 }

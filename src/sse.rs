@@ -78,6 +78,13 @@ impl Transport for SseTransport {
                 "the stream fell too far behind and was closed",
             );
             let _ = self.events.try_send(Ok(to_event(&frame)));
+        } else if code == close_code::TOKEN_EXPIRED {
+            // SSE cannot refresh in-band: the client reconnects with a new token.
+            let frame = ServerFrame::error(
+                "token_expired",
+                "the token expired; reconnect with a new one",
+            );
+            let _ = self.events.try_send(Ok(to_event(&frame)));
         }
     }
 }

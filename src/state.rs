@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use crate::{
-    access_log::AccessLog, config::Settings, history::HistoryReader, lifecycle::Lifecycle,
-    pubsub::PubSub, store::MessageStore,
+    access_log::AccessLog, auth::Authenticator, config::Settings, history::HistoryReader,
+    lifecycle::Lifecycle, pubsub::PubSub, store::MessageStore,
 };
 
 #[derive(Clone)]
@@ -20,4 +20,6 @@ pub struct AppState {
     pub pubsub: PubSub,
     pub lifecycle: Lifecycle,
     pub access_log: AccessLog,
+    /// Token verification with the configured keys (loaded once at startup).
+    pub auth: Arc<Authenticator>,
 }

@@ -122,12 +122,13 @@ pub async fn serve(
             channels: traffic.channels,
             close_code: report.close_code,
         };
-        let entry = access.entry(
+        let mut entry = access.entry(
             EntryKind::Websocket,
             101,
             (traffic.bytes_in, traffic.bytes_out),
             Some(stats),
         );
+        entry.subject = report.subject;
         log.record(entry);
     }
     tracing::debug!(

@@ -26,6 +26,8 @@
     1008: 'too many invalid frames',
     1009: 'message too large',
     4000: 'idle timeout',
+    4001: 'authentication failed',
+    4003: 'token expired',
     4008: 'client too slow',
   };
 
@@ -69,10 +71,40 @@
 
   // ---- connection -------------------------------------------------------------------------
 
-  /** Query parameters of every connection. When relay gets authentication, add the token here
-   *  (e.g. `params.set('token', token)`): reconnects pick it up automatically. */
+  /** Query parameters of every connection. The token is not among them: it goes in the first
+   *  frame, so it never appears in a URL (or a log line). */
   function connectionParams() {
     return new URLSearchParams();
+  }
+
+  // ---- authentication -----------------------------------------------------------------------
+  // With auth on, relay's local config serves GET /demo/token (a short-lived HS256 token); the
+  // route does not exist otherwise (404), and the page then connects without a token.
+
+  let token = null;
+  let tokenExp = 0; // seconds since the epoch
+
+  /** A token valid for at least another minute, or null when the server hands out none. */
+  async function currentToken(force) {
+    const now = Date.now() / 1000;
+    if (!force && token && tokenExp - now > 60) return token;
+    try {
+      const res = await fetch('/demo/token', { cache: 'no-store' });
+      if (!res.ok) {
+        token = null;
+        return null;
+      }
+      const body = await res.json();
+      token = body.token;
+      tokenExp = body.exp;
+    } catch (err) {
+      token = null;
+    }
+    return token;
+  }
+
+  function authHeaders() {
+    return token ? { authorization: `Bearer ${token}` } : {};
   }
 
   function socketUrl() {
@@ -82,11 +114,12 @@
     return url.toString();
   }
 
-  function connect() {
+  async function connect() {
     clearTimeout(retryTimer);
     retryTimer = null;
     ui.retryNow.hidden = true;
     setStatus('connecting', connectedOnce ? 'Reconnecting…' : 'Connecting…');
+    const handshakeToken = await currentToken(false);
 
     let ws;
     try {
@@ -105,6 +138,9 @@
       connectedOnce = true;
       setStatus('connected', 'Connected');
       if (again) note('info', 'Reconnected.');
+      // The handshake frame comes first; relay handles frames in order, so the subscribes
+      // after it are checked against this token.
+      if (handshakeToken) ws.send(JSON.stringify({ type: 'auth', token: handshakeToken }));
       for (const [name, ch] of channels) sendSubscribe(name, ch);
     });
 
@@ -121,6 +157,8 @@
         ch.replayUntil = null;
       }
       renderChannels();
+      // A refused or expired token: fetch a fresh one for the next attempt.
+      if (event.code === 4001 || event.code === 4003) token = null;
       const reason = CLOSE_REASONS[event.code] || `code ${event.code}`;
       if (opened) note('warning', `Disconnected (${reason}). Reconnecting and resuming…`);
       scheduleReconnect(reason);
@@ -178,6 +216,12 @@
         break;
       case 'error':
         onError(frame);
+        break;
+      case 'token_expiring':
+        // Answer with a fresh token before `exp`, or relay closes the connection (4003).
+        currentToken(true).then((fresh) => {
+          if (fresh) send({ type: 'refresh', token: fresh });
+        });
         break;
       default:
         // `unsubscribed`, `pong`, and frame types added later need nothing from the page.
@@ -288,7 +332,7 @@
     const url = `/api/v1/channels/${encodeURIComponent(channel)}/messages`;
     const res = await fetch(url, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', ...authHeaders() },
       body: JSON.stringify({ data }),
     });
     const body = await res.json().catch(() => null);

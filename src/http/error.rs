@@ -33,6 +33,12 @@ pub enum ApiError {
     Validation(String),
     #[error("{0}")]
     NotFound(String),
+    /// No token, or one that failed verification (401, with `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose permissions do not cover the request (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("request body is larger than the limit")]
     PayloadTooLarge,
     #[error("{0}")]
@@ -57,6 +63,8 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Validation(_) => (StatusCode::BAD_REQUEST, "invalid_input"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -100,7 +108,15 @@ impl IntoResponse for ApiError {
         if let Self::Internal(source) = &self {
             tracing::error!(error = %source, "request failed");
         }
-        error_response(status, code, &self.to_string())
+        let mut res = error_response(status, code, &self.to_string());
+        if let Self::Unauthorized(_) = &self {
+            // RFC 6750: tell the client which scheme is expected.
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        res
     }
 }
 

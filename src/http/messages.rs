@@ -5,7 +5,9 @@
 //! * `GET /api/v1/channels/{channel}/messages?since=<offset>&limit=<n>` → messages with offset
 //!   greater than `since`, oldest first, and the cursor for the next page.
 //!
-//! Input is validated before anything touches Postgres or Redis.
+//! Input is validated before anything touches Postgres or Redis. With `auth.mode = required`
+//! both need `Authorization: Bearer` (401 without) whose token allows `publish` / `history` on
+//! the channel (403 otherwise).
 
 use axum::{
     extract::{Path, State},
@@ -16,7 +18,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{
-    http::error::{ApiError, AppJson, AppQuery, ErrorBody},
+    auth::Action,
+    http::{
+        auth::Caller,
+        error::{ApiError, AppJson, AppQuery, ErrorBody},
+    },
     protocol::{MAX_OFFSET, validate_channel},
     publish::{self, Published},
     state::AppState,
@@ -57,6 +63,8 @@ pub struct PublishRequest {
     responses(
         (status = 201, description = "Stored (durable) and being delivered", body = Published),
         (status = 400, description = "Invalid channel or body", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody),
+        (status = 403, description = "The token may not publish on this channel", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Body is not application/json", body = ErrorBody),
         (status = 503, description = "Message store unavailable", body = ErrorBody),
@@ -64,10 +72,12 @@ pub struct PublishRequest {
 )]
 pub async fn publish_message(
     State(state): State<AppState>,
+    caller: Caller,
     Path(channel): Path<String>,
     AppJson(body): AppJson<PublishRequest>,
 ) -> Result<(StatusCode, AppJson<Published>), ApiError> {
     let channel = channel_name(&channel)?;
+    caller.require(Action::Publish, channel)?;
     let published = publish::publish(&state, channel, &body.data).await?;
     Ok((StatusCode::CREATED, AppJson(published)))
 }
@@ -116,15 +126,19 @@ pub struct HistoryPage {
     responses(
         (status = 200, description = "A page of history", body = HistoryPage),
         (status = 400, description = "Invalid channel, since or limit", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody),
+        (status = 403, description = "The token may not read this channel's history", body = ErrorBody),
         (status = 503, description = "Message store unavailable", body = ErrorBody),
     )
 )]
 pub async fn list_messages(
     State(state): State<AppState>,
+    caller: Caller,
     Path(channel): Path<String>,
     AppQuery(query): AppQuery<HistoryQuery>,
 ) -> Result<AppJson<HistoryPage>, ApiError> {
     let channel = channel_name(&channel)?;
+    caller.require(Action::History, channel)?;
     let max = state.settings.history.max_page_size;
     let limit = query
         .limit

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod health;
 pub mod messages;
@@ -73,7 +74,10 @@ pub fn router(state: AppState) -> Router {
     let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
     let (api, openapi) = api_routes().split_for_parts();
     #[cfg(feature = "demo")]
-    let api = api.merge(crate::demo::routes(&state.settings.demo));
+    let api = api.merge(crate::demo::routes(
+        &state.settings.demo,
+        std::sync::Arc::clone(&state.auth),
+    ));
     let openapi = std::sync::Arc::new(openapi);
     api.route(
         "/api-docs/openapi.json",

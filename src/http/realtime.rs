@@ -1,6 +1,12 @@
 //! The realtime endpoints' HTTP side: `GET /ws` and `GET /sse` validate the request, refuse
 //! with a JSON error before anything is streamed, then start a [`Session`] on the WebSocket or
 //! SSE transport. The sessions themselves know nothing of HTTP.
+//!
+//! Order of the refusals: `Origin` (403), then the token (401 when `auth.mode = required` and
+//! it is missing or invalid; a WebSocket without one may instead authenticate with its first
+//! frame), then the query (400). Permissions are the session's: on SSE every listed channel is
+//! checked before the stream starts (403); on a WebSocket a forbidden channel gets an error
+//! frame and the connection stays.
 
 use std::convert::Infallible;
 
@@ -17,9 +23,9 @@ use futures_util::Stream;
 
 use crate::{
     access_log::AccessContext,
-    http::error::ApiError,
+    http::{auth, error::ApiError},
     protocol::{QuerySubscription, parse_offset, parse_subscription_query},
-    session::Session,
+    session::{Access, Session},
     state::AppState,
     ws,
 };
@@ -49,19 +55,34 @@ fn subscriptions(
     tag = "realtime",
     operation_id = "upgrade",
     description = "WebSocket upgrade. `channels=a,b` subscribes at connect, `since.<channel>=<offset>` resumes; frames in docs/protocol.md.",
-    params(("channels" = Option<String>, Query, description = "Comma-separated channels to subscribe to")),
+    params(
+        ("channels" = Option<String>, Query, description = "Comma-separated channels to subscribe to"),
+        ("token" = Option<String>, Query, description = "Bearer token for clients that cannot set `Authorization` (redacted in logs); without any token the first frame must be `{\"type\":\"auth\",\"token\":…}`"),
+    ),
     responses(
         (status = 101, description = "Switching protocols: the WebSocket session starts"),
         (status = 400, description = "Invalid channels or not a WebSocket request", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Invalid bearer token (auth.mode = required)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Origin not allowed (ws.allowed_origins)", body = crate::http::error::ErrorBody),
         (status = 503, description = "Shutting down", body = crate::http::error::ErrorBody),
     )
 )]
 pub async fn upgrade(
     State(state): State<AppState>,
     access: Option<Extension<AccessContext>>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    auth::check_origin(&headers, &state.settings.ws.allowed_origins)?;
+    let query_token = auth::query_token(query.as_deref());
+    let token = auth::bearer(&headers).or(query_token.as_deref());
+    let session_access = match (state.auth.is_required(), token) {
+        (false, _) => Access::Open,
+        // Browsers cannot set headers on a WebSocket: they authenticate with the first frame.
+        (true, None) => Access::AwaitingToken,
+        (true, Some(token)) => Access::Granted(state.auth.verify(token)?),
+    };
     let channels = subscriptions(&state, query.as_deref())?;
     let ws = ws?;
     // Count the session from now, so a shutdown starting before the upgrade completes waits.
@@ -78,7 +99,8 @@ pub async fn upgrade(
     Ok(ws.on_upgrade(move |socket| {
         Box::pin(async move {
             let transport = ws::WsTransport::new(socket, &state.settings.ws);
-            ws::serve(Session::new(state), transport, channels, access).await;
+            let session = Session::with_access(state, session_access);
+            ws::serve(session, transport, channels, access).await;
             drop(task);
         })
     }))
@@ -92,10 +114,15 @@ pub async fn upgrade(
     tag = "realtime",
     operation_id = "stream",
     description = "`event: message` with the WebSocket message frame as data and the offset as id; `Last-Event-ID` resumes a single-channel stream. See docs/protocol.md.",
-    params(("channels" = String, Query, description = "Comma-separated channels (at least one)")),
+    params(
+        ("channels" = String, Query, description = "Comma-separated channels (at least one)"),
+        ("token" = Option<String>, Query, description = "Bearer token for clients that cannot set `Authorization` (EventSource); redacted in logs"),
+    ),
     responses(
         (status = 200, description = "text/event-stream", content_type = "text/event-stream"),
         (status = 400, description = "Invalid channels or Last-Event-ID", body = crate::http::error::ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = crate::http::error::ErrorBody),
+        (status = 403, description = "Origin not allowed, or the token may not subscribe to a listed channel", body = crate::http::error::ErrorBody),
         (status = 503, description = "Shutting down or Redis unavailable", body = crate::http::error::ErrorBody),
     )
 )]
@@ -104,6 +131,13 @@ pub async fn stream(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    auth::check_origin(&headers, &state.settings.ws.allowed_origins)?;
+    let query_token = auth::query_token(query.as_deref());
+    let session_access =
+        match auth::authenticate(&state, auth::bearer(&headers).or(query_token.as_deref()))? {
+            Some(principal) => Access::Granted(principal),
+            None => Access::Open,
+        };
     let mut subs = subscriptions(&state, query.as_deref())?;
     if subs.is_empty() {
         return Err(ApiError::Validation(
@@ -123,7 +157,12 @@ pub async fn stream(
             only.since = Some(id);
         }
     }
-    let mut session = Session::new(state.clone());
+    let mut session = Session::with_access(state.clone(), session_access);
+    for sub in &subs {
+        session
+            .authorise(crate::auth::Action::Subscribe, &sub.channel)
+            .map_err(ApiError::Forbidden)?;
+    }
     for sub in &subs {
         session.subscribe(&sub.channel, sub.since).await;
     }

@@ -3,6 +3,7 @@
 //! exception is `architecture`, which only reads the sources.
 
 mod architecture;
+mod auth;
 mod config;
 mod demo;
 mod health;
