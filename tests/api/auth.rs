@@ -5,13 +5,27 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use relay::config::{AuthMode, LoadOptions, Secret, Settings};
+use relay::config::{AuthMode, Secret, Settings};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
-use crate::helpers::{Backend, TestApp, WsClient, spawn_app_on};
+use crate::{
+    config::load_env,
+    helpers::{Backend, TestApp, WsClient, spawn_app_on},
+};
 
 const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// POST `{"data":1}` to `url` with `token` as the bearer.
+async fn post_as(app: &TestApp, url: &str, token: &str) -> reqwest::Response {
+    app.http
+        .post(url)
+        .bearer_auth(token)
+        .json(&json!({"data": 1}))
+        .send()
+        .await
+        .expect("request")
+}
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -116,35 +130,14 @@ async fn http_api_needs_a_token_with_the_right_permissions() {
         None,
         &EncodingKey::from_secret(b"another-secret-another-secret-another").unwrap(),
     );
-    let res = app
-        .http
-        .post(&url)
-        .bearer_auth(&forged)
-        .json(&json!({"data": 1}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_as(&app, &url, &forged).await;
     assert_eq!(res.status(), 401);
 
     let token = hs256(&claims("alice", 60, chat()));
-    let res = app
-        .http
-        .post(&url)
-        .bearer_auth(&token)
-        .json(&json!({"data": 1}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_as(&app, &url, &token).await;
     assert_eq!(res.status(), 201);
     let other = app.url("/api/v1/channels/chat:room2/messages");
-    let res = app
-        .http
-        .post(&other)
-        .bearer_auth(&token)
-        .json(&json!({"data": 1}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_as(&app, &other, &token).await;
     assert_eq!(res.status(), 403);
     assert_eq!(error_code(res).await, "forbidden");
 
@@ -539,17 +532,6 @@ async fn demo_token_route_exists_only_when_opted_in() {
     assert_eq!(local.get("/demo/token").await.status(), 404);
 }
 
-fn load(app_env: &str, env: &[(&str, &str)]) -> Result<Settings, relay::config::ConfigError> {
-    Settings::load(&LoadOptions {
-        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
-        app_env: app_env.to_owned(),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    })
-}
-
 fn relay(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
     cmd.args(args)
@@ -563,16 +545,19 @@ fn relay(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 
 #[test]
 fn production_refuses_disabled_auth_and_keyless_required() {
-    let err = load("production", &[("APP__AUTH__MODE", "disabled")])
+    let err = load_env("production", &[("APP__AUTH__MODE", "disabled")])
         .unwrap_err()
         .to_string();
     assert!(err.contains("auth.mode"), "{err}");
-    assert_eq!(load("local", &[]).unwrap().auth.mode, AuthMode::Disabled);
     assert_eq!(
-        load("production", &[]).unwrap().auth.mode,
+        load_env("local", &[]).unwrap().auth.mode,
+        AuthMode::Disabled
+    );
+    assert_eq!(
+        load_env("production", &[]).unwrap().auth.mode,
         AuthMode::Required
     );
-    let err = load("local", &[("APP__AUTH__HS256_SECRET", "short")])
+    let err = load_env("local", &[("APP__AUTH__HS256_SECRET", "short")])
         .unwrap_err()
         .to_string();
     assert!(err.contains("auth.hs256_secret"), "{err}");

@@ -2,7 +2,8 @@ use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use relay::config::{ConfigError, LoadOptions, Settings};
 
-fn load_env(app_env: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+/// The shipped config for `app_env` plus these variables (also used by the auth tests).
+pub fn load_env(app_env: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     Settings::load(&LoadOptions {
         dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
         app_env: app_env.to_owned(),
