@@ -193,6 +193,8 @@ pub struct WsSettings {
     pub max_subscriptions: usize,
     /// Frames queued for one connection before it counts as a slow consumer and is closed.
     pub outbox_capacity: usize,
+    /// Bytes of queued frames per connection before it is closed as slow (4008).
+    pub outbox_max_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     /// A connection that sends nothing (not even a pong) for this long is closed.
@@ -527,6 +529,12 @@ impl Settings {
         if self.ws.max_subscriptions == 0 {
             return Err(ConfigError::invalid(
                 "ws.max_subscriptions",
+                "must be at least 1",
+            ));
+        }
+        if self.ws.outbox_max_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "ws.outbox_max_bytes",
                 "must be at least 1",
             ));
         }

@@ -163,7 +163,9 @@ impl Session {
     pub fn with_access(state: AppState, access: Access) -> Self {
         let capacity = state.settings.ws.outbox_capacity;
         let mut session = Self {
-            outbox: Arc::new(SessionOutbox::new(capacity)),
+            outbox: Arc::new(
+                SessionOutbox::new(capacity).with_max_bytes(state.settings.ws.outbox_max_bytes),
+            ),
             // A replaying channel holds at most as many live frames as the outbox would.
             subs: Subscriptions::new(capacity),
             state,

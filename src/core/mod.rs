@@ -74,6 +74,14 @@ impl Outgoing {
     pub fn is_frame(&self) -> bool {
         matches!(self, Self::Frame(_) | Self::Message { .. })
     }
+
+    /// Bytes of frame text the item carries (0 for control items).
+    pub fn frame_bytes(&self) -> usize {
+        match self {
+            Self::Frame(frame) | Self::Message { frame, .. } => frame.text.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// The core's number for a channel, unique for the life of the process.

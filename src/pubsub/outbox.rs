@@ -2,7 +2,7 @@
 //!
 //! The delivery core pushes shared frames and control items ([`Outgoing`]) here without ever
 //! waiting; the session task (WebSocket or SSE) drains everything queued at once and writes it
-//! with a single flush. When `capacity` frames are queued the subscriber is a *slow consumer*: the outbox latches into the overflowed
+//! with a single flush. When `capacity` frames (or `max_bytes` of them) are queued the subscriber is a *slow consumer*: the outbox latches into the overflowed
 //! state, further pushes are refused, and the session closes the connection (WebSocket close
 //! code 4008). Dropping frames silently instead would leave a client with a hole in its stream
 //! it cannot detect; blocking would let one slow client stall every other subscriber.
@@ -30,6 +30,9 @@ pub struct SessionOutbox {
     state: Mutex<State>,
     notify: Notify,
     capacity: usize,
+    /// Bound on the queued frames' bytes as well: a few large messages overflow it as surely as
+    /// many small ones, so one connection's memory is bounded whatever it subscribes to.
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +41,8 @@ struct State {
     /// Frames in `queue`; control items (subscription answers, catch-up markers) do not count
     /// against the capacity, so the server's own bookkeeping never makes a slow consumer.
     frames: usize,
+    /// Bytes of those frames' text.
+    bytes: usize,
     overflowed: bool,
     closed: bool,
 }
@@ -48,7 +53,14 @@ impl SessionOutbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             capacity,
+            max_bytes: usize::MAX,
         }
+    }
+
+    /// Also overflow once the queued frames hold more than `max_bytes` of text.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -67,7 +79,10 @@ impl SessionOutbox {
             return Push::Rejected;
         }
         let frame = item.is_frame();
-        if frame && state.frames >= self.capacity {
+        let bytes = item.frame_bytes();
+        // One frame always fits (a single message may be larger than the bound).
+        let too_big = state.bytes > 0 && state.bytes + bytes > self.max_bytes;
+        if frame && (state.frames >= self.capacity || too_big) {
             state.overflowed = true;
             // Free the memory now; the session will only send a close frame.
             state.queue = VecDeque::new();
@@ -77,6 +92,7 @@ impl SessionOutbox {
         }
         let was_empty = state.queue.is_empty();
         state.frames += usize::from(frame);
+        state.bytes += bytes;
         state.queue.push_back(item);
         drop(state);
         // A non-empty queue already has a wake-up pending.
@@ -98,6 +114,7 @@ impl SessionOutbox {
             return Drained::Overflowed;
         }
         state.frames = 0;
+        state.bytes = 0;
         if buf.is_empty() {
             std::mem::swap(&mut state.queue, buf);
         } else {
@@ -164,6 +181,19 @@ mod tests {
         assert_eq!(buf.len(), 100);
         // Draining frees the capacity again.
         assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+    }
+
+    #[test]
+    fn the_byte_bound_overflows_too() {
+        let outbox = SessionOutbox::new(100).with_max_bytes(40);
+        let frame = ServerFrame::error("x", "twelve bytes");
+        assert!(frame.text.len() > 40);
+        // Alone, even an oversized frame is queued; behind others it overflows.
+        assert_eq!(outbox.reply(frame.clone()), Push::Queued);
+        let mut buf = VecDeque::new();
+        outbox.drain_into(&mut buf);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+        assert_eq!(outbox.reply(frame), Push::Overflowed);
     }
 
     #[test]

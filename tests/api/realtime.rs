@@ -172,6 +172,34 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything(ba
     );
 }
 
+/// The outbox is bounded in bytes too: a non-reading client of big messages is closed long
+/// before `ws.outbox_capacity` frames pile up.
+async fn the_outbox_byte_bound_closes_a_slow_consumer_of_big_messages(backend: Backend) {
+    let app = spawn_app_on(backend, |s| {
+        s.ws.outbox_capacity = 10_000;
+        s.ws.outbox_max_bytes = 256 * 1024;
+        s.ws.write_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut slow = connect_non_reading(&app, "?channels=big").await;
+    let mut healthy = app.subscribed_ws(&["big"]).await;
+    slow.expect_type("subscribed").await;
+    let blob = "x".repeat(64 * 1024);
+    let total = 60; // 3.8 MiB in all: far below 10,000 frames, far above 256 KiB
+    let reader = tokio::spawn(async move {
+        for i in 0..total {
+            assert_eq!(healthy.expect_type("message").await["data"]["n"], i);
+        }
+    });
+    for i in 0..total {
+        app.publish("big", json!({"n": i, "blob": blob})).await;
+    }
+    reader
+        .await
+        .expect("the healthy client received everything");
+    assert_eq!(slow.expect_close().await, 4008);
+}
+
 async fn bad_frames_get_error_frames_and_the_connection_stays_open(backend: Backend) {
     let app = spawn_app_on(backend, |_| {}).await;
     let mut ws = app.connect_ws("").await;
@@ -341,6 +369,7 @@ crate::on_both_backends!(
     two_clients_on_one_channel_both_receive,
     one_thousand_messages_arrive_in_order_at_every_subscriber,
     a_slow_consumer_is_disconnected_while_healthy_clients_get_everything,
+    the_outbox_byte_bound_closes_a_slow_consumer_of_big_messages,
     bad_frames_get_error_frames_and_the_connection_stays_open,
     too_many_subscriptions_get_an_error_frame,
     an_oversized_frame_closes_with_1009,
