@@ -195,6 +195,10 @@ pub struct WsSettings {
     pub outbox_capacity: usize,
     /// Bytes of queued frames per connection before it is closed as slow (4008).
     pub outbox_max_bytes: usize,
+    /// Realtime connections (WebSocket and SSE) per replica; more get `503`.
+    pub max_connections: usize,
+    /// Realtime connections per client address (0: no limit); more get `429`.
+    pub max_connections_per_ip: usize,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
     /// A connection that sends nothing (not even a pong) for this long is closed.
@@ -529,6 +533,12 @@ impl Settings {
         if self.ws.max_subscriptions == 0 {
             return Err(ConfigError::invalid(
                 "ws.max_subscriptions",
+                "must be at least 1",
+            ));
+        }
+        if self.ws.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "ws.max_connections",
                 "must be at least 1",
             ));
         }

@@ -37,7 +37,7 @@ use crate::{
 
 /// The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
 /// address in `X-Forwarded-For` that is not itself a trusted proxy.
-fn client_ip(
+pub(super) fn client_ip(
     peer: Option<IpAddr>,
     headers: &HeaderMap,
     trusted: &[ipnet::IpNet],

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod messages;
 pub mod middleware;
 pub mod realtime;
@@ -71,6 +72,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// Build the router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let http = state.settings.http.clone();
+    let ws_limits = (
+        state.settings.ws.max_connections,
+        state.settings.ws.max_connections_per_ip,
+    );
     let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
     let (api, openapi) = api_routes().split_for_parts();
     #[cfg(feature = "demo")]
@@ -88,6 +93,10 @@ pub fn router(state: AppState) -> Router {
     )
     .with_state(state)
     .layer(axum::Extension(health::ReadinessCache::new()))
+    .layer(axum::Extension(limits::ConnectionLimits::new(
+        ws_limits.0,
+        ws_limits.1,
+    )))
     .layer(
         ServiceBuilder::new()
             .layer(SetSensitiveRequestHeadersLayer::new([

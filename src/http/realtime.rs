@@ -8,11 +8,13 @@
 //! checked before the stream starts (403); on a WebSocket a forbidden channel gets an error
 //! frame and the connection stays.
 
-use std::convert::Infallible;
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{
     Extension,
-    extract::{RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    extract::{
+        ConnectInfo, RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection,
+    },
     http::HeaderMap,
     response::{
         Response,
@@ -23,12 +25,29 @@ use futures_util::Stream;
 
 use crate::{
     access_log::AccessContext,
-    http::{auth, error::ApiError},
+    http::{
+        access::client_ip,
+        auth,
+        error::ApiError,
+        limits::{ConnectionLimits, ConnectionPermit},
+    },
     protocol::{QuerySubscription, parse_offset, parse_subscription_query},
     session::{Access, Session},
     state::AppState,
     ws,
 };
+
+/// A connection slot for this request's client (after the cheap checks, before any work).
+fn permit(
+    state: &AppState,
+    limits: &Arc<ConnectionLimits>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: &HeaderMap,
+) -> Result<ConnectionPermit, ApiError> {
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let ip = client_ip(peer, headers, &state.access_log.trusted_proxies);
+    limits.acquire(ip)
+}
 
 /// Parse `channels=…&since.…` and apply the per-connection limit.
 fn subscriptions(
@@ -64,11 +83,14 @@ fn subscriptions(
         (status = 400, description = "Invalid channels or not a WebSocket request", body = crate::http::error::ErrorBody),
         (status = 401, description = "Invalid bearer token (auth.mode = required)", body = crate::http::error::ErrorBody),
         (status = 403, description = "Origin not allowed (ws.allowed_origins)", body = crate::http::error::ErrorBody),
-        (status = 503, description = "Shutting down", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Too many connections from this client address (ws.max_connections_per_ip)", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Shutting down, or this replica is at ws.max_connections", body = crate::http::error::ErrorBody),
     )
 )]
 pub async fn upgrade(
     State(state): State<AppState>,
+    Extension(limits): Extension<Arc<ConnectionLimits>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     access: Option<Extension<AccessContext>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
@@ -85,6 +107,7 @@ pub async fn upgrade(
     };
     let channels = subscriptions(&state, query.as_deref())?;
     let ws = ws?;
+    let permit = permit(&state, &limits, peer, &headers)?;
     // Count the session from now, so a shutdown starting before the upgrade completes waits.
     let task = state.lifecycle.task_guard("ws_session");
     let cfg = &state.settings.ws;
@@ -101,7 +124,7 @@ pub async fn upgrade(
             let transport = ws::WsTransport::new(socket, &state.settings.ws);
             let session = Session::with_access(state, session_access);
             ws::serve(session, transport, channels, access).await;
-            drop(task);
+            drop((permit, task));
         })
     }))
 }
@@ -123,11 +146,14 @@ pub async fn upgrade(
         (status = 400, description = "Invalid channels or Last-Event-ID", body = crate::http::error::ErrorBody),
         (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = crate::http::error::ErrorBody),
         (status = 403, description = "Origin not allowed, or the token may not subscribe to a listed channel", body = crate::http::error::ErrorBody),
-        (status = 503, description = "Shutting down or Redis unavailable", body = crate::http::error::ErrorBody),
+        (status = 429, description = "Too many connections from this client address (ws.max_connections_per_ip)", body = crate::http::error::ErrorBody),
+        (status = 503, description = "Shutting down, Redis unavailable, or this replica is at ws.max_connections", body = crate::http::error::ErrorBody),
     )
 )]
 pub async fn stream(
     State(state): State<AppState>,
+    Extension(limits): Extension<Arc<ConnectionLimits>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -157,6 +183,7 @@ pub async fn stream(
             only.since = Some(id);
         }
     }
+    let permit = permit(&state, &limits, peer, &headers)?;
     let mut session = Session::with_access(state.clone(), session_access);
     for sub in &subs {
         session
@@ -172,8 +199,9 @@ pub async fn stream(
         .await
         .map_err(ApiError::Unavailable)?;
     let (transport, body) = crate::sse::channel(state.settings.ws.write_timeout);
-    state
-        .lifecycle
-        .spawn("sse_session", crate::sse::serve(session, transport));
+    state.lifecycle.spawn("sse_session", async move {
+        crate::sse::serve(session, transport).await;
+        drop(permit);
+    });
     Ok(Sse::new(body).keep_alive(KeepAlive::new().interval(state.settings.sse.keepalive_interval)))
 }

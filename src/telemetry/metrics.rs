@@ -147,6 +147,10 @@ fn describe() {
         "Failed access-log sink writes, by sink"
     );
     describe_counter!(
+        "relay_connections_refused_total",
+        "Realtime connections refused at the door, by reason (replica_full, per_ip)"
+    );
+    describe_counter!(
         "relay_task_failures_total",
         "Critical tasks that stopped before shutdown, by task (each one exits the process)"
     );

@@ -7,7 +7,6 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use relay::config::{AuthMode, Secret, Settings};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
 
 use crate::{
     config::load_env,
@@ -83,18 +82,7 @@ fn chat() -> Value {
 
 /// Open a WebSocket with extra headers; Err is the HTTP status of a refused upgrade.
 async fn ws_with(app: &TestApp, query: &str, headers: &[(&str, &str)]) -> Result<WsClient, u16> {
-    let mut req = app.ws_url(query).into_client_request().unwrap();
-    for (name, value) in headers {
-        req.headers_mut().insert(
-            tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            value.parse().unwrap(),
-        );
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((stream, _)) => Ok(WsClient { stream }),
-        Err(tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
-        Err(other) => panic!("unexpected WebSocket error: {other}"),
-    }
+    app.try_connect_ws(query, headers).await
 }
 
 async fn ws_bearer(app: &TestApp, query: &str, token: &str) -> Result<WsClient, u16> {

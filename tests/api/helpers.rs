@@ -290,6 +290,27 @@ impl TestApp {
         panic!("relay did not become ready within 5s");
     }
 
+    /// Open a WebSocket with extra request headers; Err is the HTTP status of a refusal.
+    pub async fn try_connect_ws(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, u16> {
+        use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+        let mut req = self.ws_url(query).into_client_request().expect("a ws URL");
+        for (name, value) in headers {
+            req.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+                value.parse().expect("a header value"),
+            );
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((stream, _)) => Ok(WsClient { stream }),
+            Err(tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
+            Err(other) => panic!("unexpected WebSocket error: {other}"),
+        }
+    }
+
     pub async fn connect_ws(&self, query: &str) -> WsClient {
         let (stream, _) = tokio_tungstenite::connect_async(self.ws_url(query))
             .await

@@ -376,3 +376,38 @@ crate::on_both_backends!(
     shutdown_closes_websockets_with_1001_within_the_deadline,
     sse_receives_the_same_messages_as_websocket,
 );
+
+/// Realtime connections are bounded per replica (503 before the upgrade) and per client
+/// address (429), WebSocket and SSE together, and a closed connection gives its slot back.
+#[tokio::test]
+async fn connections_are_bounded_per_replica_and_per_address() {
+    let app = crate::helpers::spawn_app_with(|s| s.ws.max_connections = 2).await;
+    let first = app.subscribed_ws(&["a"]).await;
+    let _second = app.subscribed_ws(&["a"]).await;
+    assert_eq!(
+        app.try_connect_ws("?channels=a", &[]).await.err(),
+        Some(503)
+    );
+    assert_eq!(app.get("/sse?channels=a").await.status(), 503);
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        if let Ok(ws) = app.try_connect_ws("?channels=a", &[]).await {
+            reopened = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reopened.is_some(), "the closed connection's slot came back");
+
+    let app = crate::helpers::spawn_app_with(|s| s.ws.max_connections_per_ip = 1).await;
+    let _only = app.subscribed_ws(&["a"]).await;
+    assert_eq!(
+        app.try_connect_ws("?channels=a", &[]).await.err(),
+        Some(429)
+    );
+    let res = app.get("/sse?channels=a").await;
+    assert_eq!(res.status(), 429);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_requests");
+}
