@@ -70,9 +70,13 @@ done
 as_image_user "$image/usr/local/bin/relay" healthcheck
 say "healthcheck: PASS (as uid 65532, read-only files)"
 
+# The compose environment requires authentication: a token from the image's own CLI.
+token="$(as_image_user "$image/usr/local/bin/relay" token --sub smoke --subscribe 'smoke*' \
+  --publish 'smoke*' --ttl 10m)"
 target/release/relay-loadgen --url "http://127.0.0.1:$port" --connections 2 --channels 1 \
-  --channel-prefix smoke --publish-via ws --messages 20 --rate 50 --expect-lossless
-say "WebSocket round trip (publish frames -> both subscribers, lossless): PASS"
+  --channel-prefix smoke --publish-via ws --messages 20 --rate 50 --expect-lossless \
+  --token "$token"
+say "WebSocket round trip with a token (publish frames -> both subscribers, lossless): PASS"
 
 if ! kill -TERM "$pid"; then cat "$log"; echo "container smoke: FAIL (relay died)" >&2; exit 1; fi
 started=$SECONDS

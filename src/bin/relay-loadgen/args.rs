@@ -14,6 +14,11 @@ pub struct Args {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
 
+    /// Bearer token for a relay with `auth.mode = required` (e.g. from `relay token`): sent as
+    /// `?token=` on every WebSocket and as `Authorization: Bearer` on HTTP publishes.
+    #[arg(long, env = "RELAY_LOADGEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Subscriber WebSocket connections.
     #[arg(long, default_value_t = 100)]
     pub connections: usize,
@@ -190,6 +195,19 @@ impl Args {
                 self.url
             ))
         }
+    }
+
+    /// `&token=…` for a WebSocket URL that already has a query, or nothing without a token.
+    pub fn token_query(&self) -> String {
+        self.token
+            .as_deref()
+            .map(|t| {
+                format!(
+                    "&token={}",
+                    url::form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>()
+                )
+            })
+            .unwrap_or_default()
     }
 
     /// The HTTP base URL without a trailing slash.

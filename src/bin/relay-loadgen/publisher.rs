@@ -208,9 +208,17 @@ async fn http(
     total: u64,
     out: &mut Published,
 ) -> Result<(), String> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &args.token {
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "--token is not a valid header value".to_owned())?;
+        headers.insert(reqwest::header::AUTHORIZATION, bearer);
+    }
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(REQUEST_TIMEOUT)
+        .default_headers(headers)
         .build()
         .map_err(|e| format!("HTTP client: {e}"))?;
     let base = args.http_base();
@@ -307,7 +315,8 @@ async fn ws(
     total: u64,
     out: &mut Published,
 ) -> Result<(), String> {
-    let url = args.ws_base()?;
+    // `?_=` so the token (if any) can follow as `&token=`.
+    let url = format!("{}?_=1{}", args.ws_base()?, args.token_query());
     let (socket, _) = tokio::time::timeout(
         REQUEST_TIMEOUT,
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(client_config()), true),

@@ -39,6 +39,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let (connected_tx, mut connected_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         ws_base,
+        token_query: args.token_query(),
         config: subscriber::client_config(),
         connect_timeout: args.connect_timeout,
         gate: Semaphore::new(args.connect_concurrency),

@@ -64,6 +64,8 @@ pub struct ConnResult {
 /// Everything the connections share.
 pub struct Shared {
     pub ws_base: String,
+    /// `&token=…`, or empty.
+    pub token_query: String,
     pub config: WebSocketConfig,
     pub connect_timeout: Duration,
     pub gate: Semaphore,
@@ -171,7 +173,10 @@ fn on_text(shared: &Shared, index: usize, result: &mut ConnResult, text: &str) {
 
 /// Connect, upgrade, and wait for the `subscribed` frame of `channel`.
 async fn connect(shared: &Shared, channel: &str) -> Result<Ws, String> {
-    let url = format!("{}?channels={channel}", shared.ws_base);
+    let url = format!(
+        "{}?channels={channel}{}",
+        shared.ws_base, shared.token_query
+    );
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(shared.config), true)
         .await
         .map_err(|err| describe_connect_error(&err))?;
