@@ -478,12 +478,10 @@ impl Settings {
                 "the postgres sink needs database.url (it is empty: embedded mode)",
             ));
         }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::invalid(
-                "database.max_connections",
-                "must be at least 1",
-            ));
-        }
+        at_least_one(
+            "database.max_connections",
+            self.database.max_connections as u64,
+        )?;
         positive("database.connect_timeout", self.database.connect_timeout)?;
         positive("database.acquire_timeout", self.database.acquire_timeout)?;
         positive("redis.connect_timeout", self.redis.connect_timeout)?;
@@ -509,12 +507,7 @@ impl Settings {
             .map_err(|e| ConfigError::invalid("log.level", e.to_string()))?;
         positive("http.request_timeout", self.http.request_timeout)?;
         positive("http.header_timeout", self.http.header_timeout)?;
-        if self.http.max_body_bytes == 0 {
-            return Err(ConfigError::invalid(
-                "http.max_body_bytes",
-                "must be at least 1",
-            ));
-        }
+        at_least_one("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         for origin in &self.http.cors_allowed_origins {
             if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
                 return Err(ConfigError::invalid(
@@ -530,30 +523,10 @@ impl Settings {
                 "must be at least 64",
             ));
         }
-        if self.ws.max_subscriptions == 0 {
-            return Err(ConfigError::invalid(
-                "ws.max_subscriptions",
-                "must be at least 1",
-            ));
-        }
-        if self.ws.max_connections == 0 {
-            return Err(ConfigError::invalid(
-                "ws.max_connections",
-                "must be at least 1",
-            ));
-        }
-        if self.ws.outbox_max_bytes == 0 {
-            return Err(ConfigError::invalid(
-                "ws.outbox_max_bytes",
-                "must be at least 1",
-            ));
-        }
-        if self.ws.outbox_capacity == 0 {
-            return Err(ConfigError::invalid(
-                "ws.outbox_capacity",
-                "must be at least 1",
-            ));
-        }
+        at_least_one("ws.max_subscriptions", self.ws.max_subscriptions as u64)?;
+        at_least_one("ws.max_connections", self.ws.max_connections as u64)?;
+        at_least_one("ws.outbox_max_bytes", self.ws.outbox_max_bytes as u64)?;
+        at_least_one("ws.outbox_capacity", self.ws.outbox_capacity as u64)?;
         positive("ws.ping_interval", self.ws.ping_interval)?;
         if self.ws.idle_timeout <= self.ws.ping_interval {
             return Err(ConfigError::invalid(
@@ -664,6 +637,14 @@ impl Settings {
         }
         positive("auth.handshake_timeout", a.handshake_timeout)?;
         positive("auth.expiry_warning", a.expiry_warning)?;
+        Ok(())
+    }
+}
+
+fn at_least_one(key: &'static str, n: u64) -> Result<(), ConfigError> {
+    if n == 0 {
+        Err(ConfigError::invalid(key, "must be at least 1"))
+    } else {
         Ok(())
     }
 }
