@@ -20,11 +20,22 @@ async fn sigterm_turns_readiness_off_then_exits_zero_within_the_deadline() {
 
     relay.terminate();
     let signalled = Instant::now();
-    let res = reqwest::get(&readyz)
-        .await
-        .expect("still serving during the readiness grace");
-    assert_eq!(res.status(), 503);
-    let body: serde_json::Value = res.json().await.unwrap();
+    // The signal is handled asynchronously, so a request racing it may still see 200; readiness
+    // must turn off well inside the 1 s grace while the server keeps answering.
+    let body = loop {
+        let res = reqwest::get(&readyz)
+            .await
+            .expect("still serving during the readiness grace");
+        if res.status() == 503 {
+            break res.json::<serde_json::Value>().await.unwrap();
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_millis(500),
+            "readiness still on {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(body["shutting_down"], true);
 
     // readiness grace + drain deadline + flush, with a margin for process start-up noise.
