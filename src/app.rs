@@ -116,6 +116,11 @@ impl Application {
         }
         let access_log = AccessLog::start(&settings.access_log, store.pool(), &lifecycle);
         let metrics = telemetry::metrics::install();
+        let limits = crate::rate_limit::RateLimits::new(&settings.limits);
+        lifecycle.spawn_critical(
+            "rate_limit_upkeep",
+            crate::rate_limit::run_upkeep(Arc::clone(&limits), lifecycle.clone()),
+        );
         let state = AppState {
             settings,
             store,
@@ -124,6 +129,7 @@ impl Application {
             lifecycle,
             access_log,
             auth,
+            limits,
         };
         Ok(Self {
             listener,

@@ -81,6 +81,7 @@ pub struct Settings {
     pub access_log: AccessLogSettings,
     pub demo: DemoSettings,
     pub auth: AuthSettings,
+    pub limits: LimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -216,6 +217,20 @@ pub struct WsSettings {
     /// so several frames share one syscall. Zero (the default) writes at once.
     #[serde(with = "humantime_serde")]
     pub coalesce_delay: Duration,
+}
+
+/// Rate limits and quotas per client (see docs/security.md). 0 turns a limit off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Publishes per second one WebSocket connection may make (bursts up to this many).
+    pub publish_per_connection: u32,
+    /// Publishes per second per token subject on this replica, HTTP and WebSocket together.
+    pub publish_per_subject: u32,
+    /// HTTP requests per second per client address (probes exempt).
+    pub http_per_ip: u32,
+    /// Channels one subject may have created and not yet lost to retention.
+    pub channels_per_subject: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

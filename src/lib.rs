@@ -19,7 +19,8 @@
 //! * [`publish`] is the publish path (commit, then hand the PUBLISH to the service);
 //!   [`retention`] prunes old history in the background.
 //! * [`auth`] verifies tokens (JWT) into one [`auth::Principal`] and matches channel
-//!   permissions; the session and the HTTP layer enforce it.
+//!   permissions; the session and the HTTP layer enforce it. [`rate_limit`] holds the
+//!   per-connection, per-subject and per-address token buckets.
 //! * [`http`] holds the router, the error type and middleware; [`store`] is the message store
 //!   (Postgres, or memory in embedded mode) and every SQL query.
 //! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`,
@@ -41,6 +42,7 @@ pub mod lifecycle;
 pub mod protocol;
 pub mod publish;
 pub mod pubsub;
+pub mod rate_limit;
 pub mod retention;
 pub mod session;
 #[cfg(feature = "sse")]

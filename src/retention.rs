@@ -4,6 +4,11 @@
 //! It deletes in batches of `history.prune_batch` rows with a short pause in between, so it never
 //! holds long locks or starves publishers (deleting old rows takes no lock a publisher needs).
 //! It stops at cancellation, between batches.
+//!
+//! Channels whose messages have all been pruned are removed too, so the `channels` table does
+//! not keep every name ever published to. Removal takes two rounds: one records the channel's
+//! last offset as its bucket's floor, the next deletes it, so a name created again later goes on
+//! after its old offsets instead of restarting at 1 (see the `channel_floors` migration).
 
 use std::time::Duration;
 
@@ -61,5 +66,22 @@ pub async fn prune_once(
             tokio::time::sleep(BATCH_PAUSE).await;
         }
     }
+    // Deletes what earlier rounds floored, then floors what is empty now (the next round
+    // deletes that): a publish racing the removal always reads the raised floor.
+    loop {
+        if lifecycle.is_cancelled() {
+            return Ok(total);
+        }
+        let removed = store.remove_empty_channels(settings.prune_batch).await?;
+        metrics::counter!("relay_channels_removed_total").increment(removed);
+        if removed > 0 {
+            tracing::info!(removed, "removed empty channels");
+        }
+        if (removed as i64) < settings.prune_batch {
+            break;
+        }
+        tokio::time::sleep(BATCH_PAUSE).await;
+    }
+    store.raise_floors().await?;
     Ok(total)
 }

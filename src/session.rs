@@ -25,11 +25,12 @@ use crate::{
     },
     history::{HistoryError, Page},
     protocol::{ClientFrame, ServerFrame},
-    publish,
+    publish::{self, PublishError},
     pubsub::{
         PubSubError, SessionOutbox,
         outbox::{Drained, Outgoing},
     },
+    rate_limit::ConnectionLimiter,
     state::AppState,
 };
 
@@ -152,6 +153,8 @@ pub struct Session {
     deadline_changed: bool,
     /// `token_expiring` was sent for the current token.
     warned: bool,
+    /// `limits.publish_per_connection` (`None`: off).
+    publish_limit: Option<ConnectionLimiter>,
 }
 
 impl Session {
@@ -168,6 +171,7 @@ impl Session {
             ),
             // A replaying channel holds at most as many live frames as the outbox would.
             subs: Subscriptions::new(capacity),
+            publish_limit: state.limits.connection_limiter(),
             state,
             queued: VecDeque::new(),
             announces: VecDeque::new(),
@@ -620,12 +624,26 @@ impl Session {
                     ));
                     return Ok(());
                 }
-                if let Err(err) = publish::publish(&self.state, &channel, data).await {
-                    tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
-                    self.reply(ServerFrame::error(
-                        "unavailable",
-                        "publish failed: message store unavailable",
-                    ));
+                if let Some(Err(limited)) = self.publish_limit.as_ref().map(|l| l.check()) {
+                    self.reply(ServerFrame::error("rate_limited", &limited.to_string()));
+                    return Ok(());
+                }
+                let subject = self.subject();
+                match publish::publish(&self.state, &channel, data, subject).await {
+                    Ok(_) => {}
+                    Err(PublishError::RateLimited(limited)) => {
+                        self.reply(ServerFrame::error("rate_limited", &limited.to_string()));
+                    }
+                    Err(err @ PublishError::ChannelLimit { .. }) => {
+                        self.reply(ServerFrame::error("channel_limit", &err.to_string()));
+                    }
+                    Err(PublishError::Store(err)) => {
+                        tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
+                        self.reply(ServerFrame::error(
+                            "unavailable",
+                            "publish failed: message store unavailable",
+                        ));
+                    }
                 }
             }
             ClientFrame::Ping => self.reply(ServerFrame::pong()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::{
     access_log::AccessLog, auth::Authenticator, config::Settings, history::HistoryReader,
-    lifecycle::Lifecycle, pubsub::PubSub, store::MessageStore,
+    lifecycle::Lifecycle, pubsub::PubSub, rate_limit::RateLimits, store::MessageStore,
 };
 
 #[derive(Clone)]
@@ -22,4 +22,6 @@ pub struct AppState {
     pub access_log: AccessLog,
     /// Token verification with the configured keys (loaded once at startup).
     pub auth: Arc<Authenticator>,
+    /// Per-client rate limits (`[limits]`).
+    pub limits: Arc<RateLimits>,
 }

@@ -57,6 +57,11 @@ pub fn authenticate(state: &AppState, token: Option<&str>) -> Result<Option<Prin
 pub struct Caller(pub Option<Principal>);
 
 impl Caller {
+    /// The token's `sub` (`None` with auth disabled).
+    pub fn subject(&self) -> Option<&str> {
+        self.0.as_ref().map(|p| p.sub.as_str())
+    }
+
     /// 403 unless the caller may do `action` on `channel` (always Ok with auth disabled).
     pub fn require(&self, action: Action, channel: &str) -> Result<(), ApiError> {
         match &self.0 {

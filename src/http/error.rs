@@ -45,6 +45,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A rate limit of `[limits]` (429 with `Retry-After`).
+    #[error("{0}")]
+    RateLimited(crate::rate_limit::Limited),
+    /// The subject has created `limits.channels_per_subject` channels (429).
+    #[error("{0}")]
+    ChannelLimit(String),
     /// An axum rejection that keeps its own status (e.g. a failed WebSocket upgrade).
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
@@ -70,6 +76,8 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::ChannelLimit(_) => (StatusCode::TOO_MANY_REQUESTS, "channel_limit"),
             Self::Rejected { status, .. } => (*status, code_for(*status)),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -109,12 +117,21 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %source, "request failed");
         }
         let mut res = error_response(status, code, &self.to_string());
-        if let Self::Unauthorized(_) = &self {
+        match &self {
             // RFC 6750: tell the client which scheme is expected.
-            res.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
+            Self::Unauthorized(_) => {
+                res.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            // Whole seconds (RFC 9110), rounded up so a client that waits them succeeds.
+            Self::RateLimited(limited) => {
+                let secs = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+            }
+            _ => {}
         }
         res
     }

@@ -6,6 +6,8 @@
 //! door — `503` when the replica is full (another replica may have room), `429` for one address
 //! over its share — and never costs the others their file descriptors. Refusals are counted in
 //! `relay_connections_refused_total{reason}`.
+//!
+//! [`rate_limit_http`] applies `limits.http_per_ip` to every request but the probes.
 
 use std::{
     collections::HashMap,
@@ -16,9 +18,34 @@ use std::{
     },
 };
 
-use axum::http::StatusCode;
+use axum::{
+    extract::{ConnectInfo, Request, State},
+    http::StatusCode,
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
 
-use crate::http::error::ApiError;
+use crate::{
+    http::{access::client_ip, error::ApiError},
+    state::AppState,
+};
+
+/// `limits.http_per_ip`: 429 with `Retry-After` for an address over its rate. Probes are
+/// exempt, so a kubelet or load balancer sharing an address with clients never fails them.
+pub async fn rate_limit_http(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !matches!(req.uri().path(), "/healthz" | "/readyz") {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        if let Some(ip) = client_ip(peer, req.headers(), &state.access_log.trusted_proxies)
+            && let Err(limited) = state.limits.check_http(ip)
+        {
+            return ApiError::RateLimited(limited).into_response();
+        }
+    }
+    next.run(req).await
+}
 
 #[derive(Debug)]
 pub struct ConnectionLimits {

@@ -24,7 +24,7 @@ use crate::{
         error::{ApiError, AppJson, AppQuery, ErrorBody},
     },
     protocol::{MAX_OFFSET, validate_channel},
-    publish::{self, Published},
+    publish::{self, PublishError, Published},
     state::AppState,
     store::StoreError,
 };
@@ -36,6 +36,16 @@ impl From<StoreError> for ApiError {
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
             ) => Self::Unavailable("the message store is unavailable".to_owned()),
             other => Self::internal(other),
+        }
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(err: PublishError) -> Self {
+        match err {
+            PublishError::RateLimited(limited) => Self::RateLimited(limited),
+            err @ PublishError::ChannelLimit { .. } => Self::ChannelLimit(err.to_string()),
+            PublishError::Store(err) => err.into(),
         }
     }
 }
@@ -67,6 +77,7 @@ pub struct PublishRequest {
         (status = 403, description = "The token may not publish on this channel", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Body is not application/json", body = ErrorBody),
+        (status = 429, description = "A rate limit (`rate_limited`, with Retry-After) or the subject's channel quota (`channel_limit`)", body = ErrorBody),
         (status = 503, description = "Message store unavailable", body = ErrorBody),
     )
 )]
@@ -78,7 +89,7 @@ pub async fn publish_message(
 ) -> Result<(StatusCode, AppJson<Published>), ApiError> {
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
-    let published = publish::publish(&state, channel, &body.data).await?;
+    let published = publish::publish(&state, channel, &body.data, caller.subject()).await?;
     Ok((StatusCode::CREATED, AppJson(published)))
 }
 

@@ -1,7 +1,7 @@
 //! The HTTP surface: routes and the middleware stack around them.
 //!
 //! Layers, outermost first: request id → trace span → access log and metrics → JSON error shape
-//! → panic catcher → CORS → body limit → timeout → compression → routes. The order matters: the request
+//! → per-address rate limit → panic catcher → CORS → body limit → timeout → compression → routes. The order matters: the request
 //! id exists before anything logs, and errors produced by inner layers (413, 408, panics) still
 //! get the JSON shape and the id.
 
@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         state.settings.ws.max_connections_per_ip,
     );
     let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
+    let rate_limit = axum::middleware::from_fn_with_state(state.clone(), limits::rate_limit_http);
     let (api, openapi) = api_routes().split_for_parts();
     #[cfg(feature = "demo")]
     let api = api.merge(crate::demo::routes(
@@ -108,6 +109,7 @@ pub fn router(state: AppState) -> Router {
             .layer(middleware::trace_layer())
             .layer(access_log)
             .layer(axum::middleware::from_fn(error::json_errors))
+            .layer(rate_limit)
             .layer(CatchPanicLayer::custom(error::panic_response))
             .option_layer(cors_layer(&http))
             .layer(RequestBodyLimitLayer::new(http.max_body_bytes))

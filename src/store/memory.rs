@@ -1,6 +1,9 @@
 //! The in-memory message log of embedded mode: the same contract as the Postgres log (gapless
 //! per-channel offsets, ranges, retention), kept in this process only. Nothing survives a
 //! restart, and only one replica can use it.
+//!
+//! Channel quotas and the floors of removed channels work as in Postgres (see the
+//! `channel_floors` migration), under the one lock, so removal needs no second round.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -15,34 +18,84 @@ use super::messages::{ChannelPosition, StoredMessage};
 
 #[derive(Debug, Default)]
 pub struct MemoryLog {
-    channels: Mutex<HashMap<String, ChannelLog>>,
+    inner: Mutex<Inner>,
     /// Newest messages kept per channel (`history.max_per_channel`), enforced on append.
     max_per_channel: usize,
 }
 
 #[derive(Debug, Default)]
+struct Inner {
+    channels: HashMap<String, ChannelLog>,
+    /// Channels per creating subject.
+    created: HashMap<String, u32>,
+    /// Last offset of removed channels, per bucket of names (bounded by [`BUCKETS`]).
+    floors: HashMap<u16, i64>,
+}
+
+#[derive(Debug, Default)]
 struct ChannelLog {
     last_offset: i64,
+    created_by: String,
     messages: VecDeque<StoredMessage>,
+}
+
+/// A stable bucket of a channel name (this process only, like the log itself).
+fn bucket(channel: &str) -> u16 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    channel.hash(&mut h);
+    (h.finish() % BUCKETS) as u16
+}
+
+const BUCKETS: u64 = 65_536;
+
+impl Inner {
+    fn floor(&self, channel: &str) -> i64 {
+        self.floors.get(&bucket(channel)).copied().unwrap_or(0)
+    }
 }
 
 impl MemoryLog {
     pub fn new(max_per_channel: i64) -> Self {
         Self {
-            channels: Mutex::default(),
+            inner: Mutex::default(),
             max_per_channel: usize::try_from(max_per_channel)
                 .unwrap_or(usize::MAX)
                 .max(1),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ChannelLog>> {
-        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn append(&self, channel: &str, data: &RawValue) -> (i64, DateTime<Utc>) {
-        let mut channels = self.lock();
-        let log = channels.entry(channel.to_owned()).or_default();
+    /// Append with the next offset; `None` when this would create a channel beyond `creator`'s
+    /// `max_channels` (0: no quota).
+    pub fn append(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        creator: &str,
+        max_channels: u32,
+    ) -> Option<(i64, DateTime<Utc>)> {
+        let mut inner = self.lock();
+        if !inner.channels.contains_key(channel) {
+            let created = inner.created.get(creator).copied().unwrap_or(0);
+            if max_channels > 0 && created >= max_channels {
+                return None;
+            }
+            *inner.created.entry(creator.to_owned()).or_default() += 1;
+            let floor = inner.floor(channel);
+            inner.channels.insert(
+                channel.to_owned(),
+                ChannelLog {
+                    last_offset: floor,
+                    created_by: creator.to_owned(),
+                    messages: VecDeque::new(),
+                },
+            );
+        }
+        let log = inner.channels.get_mut(channel)?;
         log.last_offset += 1;
         let created_at = Utc::now();
         log.messages.push_back(StoredMessage {
@@ -53,7 +106,34 @@ impl MemoryLog {
         while log.messages.len() > self.max_per_channel {
             log.messages.pop_front();
         }
-        (log.last_offset, created_at)
+        Some((log.last_offset, created_at))
+    }
+
+    /// Remove up to `batch` channels without messages, keeping their last offset as their
+    /// bucket's floor. Returns how many.
+    pub fn remove_empty_channels(&self, batch: i64) -> u64 {
+        let mut inner = self.lock();
+        let empty: Vec<String> = inner
+            .channels
+            .iter()
+            .filter(|(_, log)| log.messages.is_empty())
+            .map(|(name, _)| name.clone())
+            .take(usize::try_from(batch).unwrap_or(0))
+            .collect();
+        for name in &empty {
+            let Some(log) = inner.channels.remove(name) else {
+                continue;
+            };
+            let floor = inner.floors.entry(bucket(name)).or_default();
+            *floor = (*floor).max(log.last_offset);
+            if let Some(n) = inner.created.get_mut(&log.created_by) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.created.remove(&log.created_by);
+                }
+            }
+        }
+        empty.len() as u64
     }
 
     pub fn read_range(
@@ -63,8 +143,8 @@ impl MemoryLog {
         upto: i64,
         limit: i64,
     ) -> Vec<StoredMessage> {
-        let channels = self.lock();
-        let Some(log) = channels.get(channel) else {
+        let inner = self.lock();
+        let Some(log) = inner.channels.get(channel) else {
             return Vec::new();
         };
         // Offsets are consecutive, so the first wanted one is found by arithmetic.
@@ -80,8 +160,8 @@ impl MemoryLog {
     }
 
     pub fn position(&self, channel: &str) -> ChannelPosition {
-        let channels = self.lock();
-        match channels.get(channel) {
+        let inner = self.lock();
+        match inner.channels.get(channel) {
             Some(log) => ChannelPosition {
                 last_offset: log.last_offset,
                 oldest_offset: log
@@ -89,10 +169,13 @@ impl MemoryLog {
                     .front()
                     .map_or(log.last_offset + 1, |m| m.offset),
             },
-            None => ChannelPosition {
-                last_offset: 0,
-                oldest_offset: 1,
-            },
+            None => {
+                let floor = inner.floor(channel);
+                ChannelPosition {
+                    last_offset: floor,
+                    oldest_offset: floor + 1,
+                }
+            }
         }
     }
 
@@ -104,7 +187,7 @@ impl MemoryLog {
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut budget = u64::try_from(batch).unwrap_or(0);
         let mut deleted = 0;
-        for log in self.lock().values_mut() {
+        for log in self.lock().channels.values_mut() {
             while budget > 0 && log.messages.front().is_some_and(|m| m.created_at < cutoff) {
                 log.messages.pop_front();
                 budget -= 1;
@@ -114,9 +197,14 @@ impl MemoryLog {
         deleted
     }
 
+    /// Whether `channel` exists (has been published to and not removed by retention).
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.lock().channels.contains_key(channel)
+    }
+
     /// Test hook: age every message of `channel` by `by`.
     pub fn backdate(&self, channel: &str, by: Duration) {
-        if let Some(log) = self.lock().get_mut(channel) {
+        if let Some(log) = self.lock().channels.get_mut(channel) {
             let by = chrono::Duration::from_std(by).unwrap_or_default();
             for m in &mut log.messages {
                 m.created_at -= by;
@@ -137,7 +225,7 @@ mod tests {
     fn gapless_offsets_ranges_and_retention() {
         let log = MemoryLog::new(3);
         for i in 1..=5 {
-            assert_eq!(log.append("c", &raw(&i.to_string())).0, i);
+            assert_eq!(log.append("c", &raw(&i.to_string()), "", 0).unwrap().0, i);
         }
         assert_eq!(
             log.position("c"),
@@ -162,5 +250,36 @@ mod tests {
         log.backdate("c", Duration::from_secs(3600));
         assert_eq!(log.prune_older_than(Duration::from_secs(60), 2), 2);
         assert_eq!(log.position("c").oldest_offset, 5);
+    }
+
+    #[test]
+    fn quotas_count_creations_and_removed_channels_keep_their_offsets() {
+        let log = MemoryLog::new(10);
+        assert!(log.append("a", &raw("1"), "alice", 2).is_some());
+        assert!(log.append("b", &raw("1"), "alice", 2).is_some());
+        assert!(
+            log.append("c", &raw("1"), "alice", 2).is_none(),
+            "over quota"
+        );
+        assert!(log.append("a", &raw("2"), "alice", 2).is_some(), "existing");
+        assert!(
+            log.append("c", &raw("1"), "bob", 2).is_some(),
+            "another subject"
+        );
+        assert_eq!(log.remove_empty_channels(10), 0, "nothing is empty");
+
+        log.backdate("a", Duration::from_secs(3600));
+        log.prune_older_than(Duration::from_secs(60), 100);
+        assert_eq!(log.remove_empty_channels(10), 1);
+        // `a` stood at 2: recreated, it goes on from there, and alice has room again.
+        assert_eq!(
+            log.position("a"),
+            ChannelPosition {
+                last_offset: 2,
+                oldest_offset: 3
+            }
+        );
+        assert!(log.append("c2", &raw("1"), "alice", 2).is_some());
+        assert_eq!(log.append("a", &raw("3"), "bob", 0).unwrap().0, 3);
     }
 }

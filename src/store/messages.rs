@@ -24,22 +24,38 @@ pub struct ChannelPosition {
     pub oldest_offset: i64,
 }
 
-/// Append `data` to `channel`, returning its offset and timestamp.
+/// Append `data` to `channel`, returning its offset and timestamp, or `None` when the
+/// channel does not exist yet and `creator` already has `max_channels` channels (0: no quota).
 ///
 /// One statement, so one transaction: the channel row's counter is incremented under its row
 /// lock (serialising publishers of that channel across all replicas) and the message inserted
-/// with the new value. A failure rolls both back, so offsets never skip.
+/// with the new value. A failure rolls both back, so offsets never skip. A new channel starts
+/// after its bucket's floor (see the `channel_floors` migration); the floor row is read `FOR
+/// SHARE`, so the newest committed floor is used even if retention raised it while this
+/// statement ran.
 pub async fn append(
     pool: &PgPool,
     channel: &str,
     data: &RawValue,
-) -> Result<(i64, DateTime<Utc>), StoreError> {
+    creator: &str,
+    max_channels: u32,
+) -> Result<Option<(i64, DateTime<Utc>)>, StoreError> {
     let row = sqlx::query(
         r#"
-        WITH next AS (
-            INSERT INTO channels (name, last_offset) VALUES ($1, 1)
+        WITH bumped AS (
+            UPDATE channels SET last_offset = last_offset + 1 WHERE name = $1
+            RETURNING last_offset
+        ), created AS (
+            INSERT INTO channels (name, last_offset, created_by)
+            SELECT $1,
+                   (SELECT floor FROM channel_floors WHERE bucket = channel_bucket($1) FOR SHARE) + 1,
+                   $3
+            WHERE NOT EXISTS (SELECT 1 FROM bumped)
+              AND ($4 = 0 OR (SELECT count(*) FROM channels WHERE created_by = $3) < $4)
             ON CONFLICT (name) DO UPDATE SET last_offset = channels.last_offset + 1
             RETURNING last_offset
+        ), next AS (
+            SELECT last_offset FROM bumped UNION ALL SELECT last_offset FROM created
         )
         INSERT INTO messages (channel, "offset", data)
         SELECT $1, last_offset, $2::text::jsonb FROM next
@@ -48,9 +64,12 @@ pub async fn append(
     )
     .bind(channel)
     .bind(data.get())
-    .fetch_one(pool)
+    .bind(creator)
+    .bind(i64::from(max_channels))
+    .fetch_optional(pool)
     .await?;
-    Ok((row.try_get("offset")?, row.try_get("created_at")?))
+    row.map(|row| Ok((row.try_get("offset")?, row.try_get("created_at")?)))
+        .transpose()
 }
 
 /// Messages with `after < offset <= upto`, oldest first, at most `limit`.
@@ -89,38 +108,38 @@ pub async fn read_range(
         .collect()
 }
 
-/// The channel's newest and oldest retained offsets.
+/// The channel's newest and oldest retained offsets. A channel that does not exist stands at
+/// its bucket's floor: the offset its first message will follow.
 pub async fn position(pool: &PgPool, channel: &str) -> Result<ChannelPosition, StoreError> {
     let row = sqlx::query(
         r#"
-        SELECT c.last_offset,
-               COALESCE((SELECT min("offset") FROM messages m WHERE m.channel = c.name), c.last_offset + 1)
-                   AS oldest_offset
-        FROM channels c WHERE c.name = $1
+        SELECT COALESCE(c.last_offset, f.floor, 0) AS last_offset,
+               COALESCE((SELECT min("offset") FROM messages m WHERE m.channel = $1),
+                        COALESCE(c.last_offset, f.floor, 0) + 1) AS oldest_offset
+        FROM (SELECT $1::text AS name) AS q
+        LEFT JOIN channels c ON c.name = q.name
+        LEFT JOIN channel_floors f ON f.bucket = channel_bucket(q.name)
         "#,
     )
     .bind(channel)
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(match row {
-        Some(row) => ChannelPosition {
-            last_offset: row.try_get("last_offset")?,
-            oldest_offset: row.try_get("oldest_offset")?,
-        },
-        None => ChannelPosition {
-            last_offset: 0,
-            oldest_offset: 1,
-        },
+    Ok(ChannelPosition {
+        last_offset: row.try_get("last_offset")?,
+        oldest_offset: row.try_get("oldest_offset")?,
     })
 }
 
-/// The newest offset of each channel (0 for a channel never published to), in input order.
-/// One query for many channels: the listener checks every active channel's head periodically.
+/// The newest offset of each channel (its floor for a channel that does not exist), in input
+/// order. One query for many channels: the listener checks every active channel's head
+/// periodically.
 pub async fn heads(pool: &PgPool, channels: &[&str]) -> Result<Vec<i64>, StoreError> {
     let rows = sqlx::query(
         r#"
-        SELECT q.name, COALESCE(c.last_offset, 0) AS last_offset
-        FROM unnest($1::text[]) AS q(name) LEFT JOIN channels c ON c.name = q.name
+        SELECT q.name, COALESCE(c.last_offset, f.floor, 0) AS last_offset
+        FROM unnest($1::text[]) AS q(name)
+        LEFT JOIN channels c ON c.name = q.name
+        LEFT JOIN channel_floors f ON f.bucket = channel_bucket(q.name)
         "#,
     )
     .bind(channels)
@@ -135,6 +154,50 @@ pub async fn heads(pool: &PgPool, channels: &[&str]) -> Result<Vec<i64>, StoreEr
         .iter()
         .map(|c| found.get(*c).copied().unwrap_or(0))
         .collect())
+}
+
+/// Remove up to `batch` channels without messages whose last offset is already within their
+/// bucket's floor ([`raise_floors`] ran in an earlier round). Returns how many.
+///
+/// The floor condition is re-checked on the row being deleted: a publish that lands meanwhile
+/// moves `last_offset` past the floor, and the channel stays.
+pub async fn remove_empty_channels(pool: &PgPool, batch: i64) -> Result<u64, StoreError> {
+    let result = sqlx::query(
+        r#"
+        DELETE FROM channels c
+        WHERE c.name IN (
+            SELECT e.name FROM channels e
+            WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.channel = e.name)
+              AND e.last_offset <= (SELECT floor FROM channel_floors WHERE bucket = channel_bucket(e.name))
+            LIMIT $1
+        )
+        AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.channel = c.name)
+        AND c.last_offset <= (SELECT floor FROM channel_floors WHERE bucket = channel_bucket(c.name))
+        "#,
+    )
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Raise the floor of every bucket holding an empty channel to that channel's last offset, so
+/// that a later [`remove_empty_channels`] may delete it. Returns how many buckets moved.
+pub async fn raise_floors(pool: &PgPool) -> Result<u64, StoreError> {
+    let result = sqlx::query(
+        r#"
+        UPDATE channel_floors f SET floor = e.floor
+        FROM (
+            SELECT channel_bucket(c.name) AS bucket, max(c.last_offset) AS floor FROM channels c
+            WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.channel = c.name)
+            GROUP BY 1
+        ) AS e
+        WHERE f.bucket = e.bucket AND f.floor < e.floor
+        "#,
+    )
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// Delete up to `batch` messages older than `max_age`. Returns how many were deleted.

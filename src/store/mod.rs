@@ -61,15 +61,20 @@ impl MessageStore {
         }
     }
 
-    /// Append `data` to `channel` with the next offset; see [`messages::append`].
+    /// Append `data` to `channel` with the next offset; `None` when that would create a
+    /// channel beyond `creator`'s quota. See [`messages::append`].
     pub async fn append(
         &self,
         channel: &str,
         data: &serde_json::value::RawValue,
-    ) -> Result<(i64, chrono::DateTime<chrono::Utc>), StoreError> {
+        creator: &str,
+        max_channels: u32,
+    ) -> Result<Option<(i64, chrono::DateTime<chrono::Utc>)>, StoreError> {
         match self {
-            Self::Postgres(pool) => messages::append(pool, channel, data).await,
-            Self::Memory(log) => Ok(log.append(channel, data)),
+            Self::Postgres(pool) => {
+                messages::append(pool, channel, data, creator, max_channels).await
+            }
+            Self::Memory(log) => Ok(log.append(channel, data, creator, max_channels)),
         }
     }
 
@@ -128,6 +133,23 @@ impl MessageStore {
     pub async fn prune_beyond_count(&self, keep: i64, batch: i64) -> Result<u64, StoreError> {
         match self {
             Self::Postgres(pool) => messages::prune_beyond_count(pool, keep, batch).await,
+            Self::Memory(_) => Ok(0),
+        }
+    }
+
+    /// Remove up to `batch` channels whose messages were all pruned; see
+    /// [`messages::remove_empty_channels`].
+    pub async fn remove_empty_channels(&self, batch: i64) -> Result<u64, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::remove_empty_channels(pool, batch).await,
+            Self::Memory(log) => Ok(log.remove_empty_channels(batch)),
+        }
+    }
+
+    /// Let empty channels be removed by the next round; see [`messages::raise_floors`].
+    pub async fn raise_floors(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::raise_floors(pool).await,
             Self::Memory(_) => Ok(0),
         }
     }

@@ -13,10 +13,10 @@ use crate::{
     helpers::{Backend, TestApp, WsClient, spawn_app_on},
 };
 
-const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub(crate) const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
 /// POST `{"data":1}` to `url` with `token` as the bearer.
-async fn post_as(app: &TestApp, url: &str, token: &str) -> reqwest::Response {
+pub(crate) async fn post_as(app: &TestApp, url: &str, token: &str) -> reqwest::Response {
     app.http
         .post(url)
         .bearer_auth(token)
@@ -36,7 +36,7 @@ fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
-fn required(s: &mut Settings) {
+pub(crate) fn required(s: &mut Settings) {
     s.auth.mode = AuthMode::Required;
     s.auth.hs256_secret = Secret::new(SECRET);
 }
@@ -49,11 +49,11 @@ async fn auth_app(customise: impl FnOnce(&mut Settings)) -> TestApp {
     .await
 }
 
-fn claims(sub: &str, ttl: u64, channels: Value) -> Value {
+pub(crate) fn claims(sub: &str, ttl: u64, channels: Value) -> Value {
     json!({ "sub": sub, "exp": now() + ttl, "channels": channels })
 }
 
-fn hs256(claims: &Value) -> String {
+pub(crate) fn hs256(claims: &Value) -> String {
     sign(
         claims,
         Algorithm::HS256,

@@ -10,6 +10,7 @@ mod health;
 mod helpers;
 mod history;
 mod lifecycle;
+mod limits;
 mod loadgen;
 mod observability;
 mod openapi;
