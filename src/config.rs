@@ -284,6 +284,19 @@ pub struct TelemetrySettings {
     pub service_name: String,
     /// Fraction of new traces sampled (0.0–1.0); a sampled parent is always followed.
     pub sampling_ratio: f64,
+    /// Clients (addresses or CIDRs, after `access_log.trusted_proxies`) whose `traceparent`
+    /// sampled flag is obeyed. Others keep their trace id but get `sampling_ratio`'s decision.
+    pub trusted_trace_peers: Vec<String>,
+}
+
+impl TelemetrySettings {
+    /// The trusted trace peers as networks (validated at startup).
+    pub fn trusted_trace_networks(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_trace_peers
+            .iter()
+            .filter_map(|p| parse_net(p).ok())
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -337,6 +350,7 @@ const LIST_KEYS: &[&str] = &[
     "http.cors_allowed_origins",
     "access_log.sinks",
     "access_log.trusted_proxies",
+    "telemetry.trusted_trace_peers",
     "ws.allowed_origins",
     "auth.key_files",
 ];
@@ -603,6 +617,10 @@ impl Settings {
         }
         for proxy in &a.trusted_proxies {
             parse_net(proxy).map_err(|e| ConfigError::invalid("access_log.trusted_proxies", e))?;
+        }
+        for peer in &self.telemetry.trusted_trace_peers {
+            parse_net(peer)
+                .map_err(|e| ConfigError::invalid("telemetry.trusted_trace_peers", e))?;
         }
         for origin in &self.ws.allowed_origins {
             if origin != "*" && url::Url::parse(origin).map_or(true, |u| u.host_str().is_none()) {

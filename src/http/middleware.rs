@@ -4,16 +4,18 @@
 //!   request extensions and in a task-local (so any code running for the request, including error
 //!   rendering, can read it with [`current_request_id`]) and echoes it on the response.
 //! * [`trace_layer`]: one span per request carrying method, matched route, request id, status and
-//!   latency, closed with an `info` line, which is the service's request log.
+//!   latency, closed with an `info` line, which is the service's request log. An incoming
+//!   `traceparent` is continued; its sampled flag is obeyed only from
+//!   `telemetry.trusted_trace_peers`.
 //!
 //! This module owns the request id and knows nothing of the error type: the error type reads the
 //! id from here, and the layers that render errors (`json_errors`, `panic_response`) live with it
 //! in [`super::error`], so the dependency runs one way.
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{MatchedPath, Request},
+    extract::{ConnectInfo, MatchedPath, Request},
     http::{HeaderName, HeaderValue},
     middleware::Next,
     response::Response,
@@ -24,7 +26,7 @@ use tower_http::{
 };
 use tracing::Span;
 
-use crate::telemetry::otel;
+use crate::{config::Settings, http::access::client_ip, telemetry::otel};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -70,19 +72,52 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     res
 }
 
-type MakeSpan = fn(&Request) -> Span;
 type OnResponse = fn(&Response, Duration, &Span);
 
+/// Who may decide sampling through `traceparent`.
+#[derive(Clone)]
+pub struct MakeSpan {
+    trusted_peers: Arc<[ipnet::IpNet]>,
+    proxies: Arc<[ipnet::IpNet]>,
+    ratio: f64,
+}
+
+impl MakeSpan {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            trusted_peers: settings.telemetry.trusted_trace_networks().into(),
+            proxies: settings.access_log.trusted_networks().into(),
+            ratio: settings.telemetry.sampling_ratio,
+        }
+    }
+
+    fn trusts<B>(&self, req: &axum::http::Request<B>) -> bool {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        client_ip(peer, req.headers(), &self.proxies)
+            .is_some_and(|ip| self.trusted_peers.iter().any(|net| net.contains(&ip)))
+    }
+}
+
+impl<B> tower_http::trace::MakeSpan<B> for MakeSpan {
+    fn make_span(&mut self, req: &axum::http::Request<B>) -> Span {
+        make_span(self, req)
+    }
+}
+
 /// The request span and the one log line per finished request.
-pub fn trace_layer()
--> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan, (), OnResponse> {
+pub fn trace_layer(
+    settings: &Settings,
+) -> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan, (), OnResponse> {
     TraceLayer::new_for_http()
-        .make_span_with(make_span as MakeSpan)
+        .make_span_with(MakeSpan::new(settings))
         .on_request(())
         .on_response(on_response as OnResponse)
 }
 
-fn make_span(req: &Request) -> Span {
+fn make_span<B>(rules: &MakeSpan, req: &axum::http::Request<B>) -> Span {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -104,7 +139,7 @@ fn make_span(req: &Request) -> Span {
         latency_ms = tracing::field::Empty,
     );
     // Continue the caller's trace (W3C `traceparent`), and put the ids on every log line of it.
-    otel::set_parent_from_headers(&span, req.headers());
+    otel::set_parent_from_headers(&span, req.headers(), rules.trusts(req), rules.ratio);
     if let Some((trace_id, span_id)) = otel::ids(&span) {
         span.record("trace_id", trace_id);
         span.record("span_id", span_id);

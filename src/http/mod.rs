@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
     );
     let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
     let rate_limit = axum::middleware::from_fn_with_state(state.clone(), limits::rate_limit_http);
+    let trace = middleware::trace_layer(&state.settings);
     let (api, openapi) = api_routes().split_for_parts();
     #[cfg(feature = "demo")]
     let api = api.merge(crate::demo::routes(
@@ -106,7 +107,7 @@ pub fn router(state: AppState) -> Router {
                 header::PROXY_AUTHORIZATION,
             ]))
             .layer(axum::middleware::from_fn(middleware::request_id))
-            .layer(middleware::trace_layer())
+            .layer(trace)
             .layer(access_log)
             .layer(axum::middleware::from_fn(error::json_errors))
             .layer(rate_limit)

@@ -96,9 +96,39 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     valid.then_some(trace_id)
 }
 
+/// The trace-id-ratio sampling decision, as the OpenTelemetry SDK's `TraceIdRatioBased` makes
+/// it (the trace id's low 63 bits against `ratio`), so every replica agrees on a trace.
+pub fn ratio_samples(trace_id: [u8; 16], ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    if ratio.is_nan() || ratio <= 0.0 {
+        return false;
+    }
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    (u64::from_be_bytes(low) >> 1) < (ratio * (1u64 << 63) as f64) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratio_sampling_keeps_about_the_ratio_and_is_deterministic() {
+        let ids: Vec<[u8; 16]> = (0..10_000u64)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[8..].copy_from_slice(&i.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+                id
+            })
+            .collect();
+        let kept = ids.iter().filter(|id| ratio_samples(**id, 0.1)).count();
+        assert!((800..1200).contains(&kept), "{kept}");
+        assert!(ids.iter().all(|id| ratio_samples(*id, 1.0)));
+        assert!(!ids.iter().any(|id| ratio_samples(*id, 0.0)));
+        assert_eq!(ratio_samples(ids[7], 0.5), ratio_samples(ids[7], 0.5));
+    }
 
     #[test]
     fn trace_ids_from_traceparent() {

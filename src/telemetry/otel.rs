@@ -129,17 +129,47 @@ pub fn install_propagator() {
 }
 
 /// Make `span` a child of the trace in these HTTP headers (`traceparent`), if any.
-pub fn set_parent_from_headers(span: &Span, headers: &axum::http::HeaderMap) {
-    set_parent_from(span, &opentelemetry_http::HeaderExtractor(headers));
+///
+/// Only a trusted caller's sampled flag is obeyed. From anyone else the trace id is kept (logs
+/// and the caller's own spans still correlate) but the flag is replaced by `ratio`'s decision
+/// for that trace id, so a client cannot switch on tracing of everything it sends.
+pub fn set_parent_from_headers(
+    span: &Span,
+    headers: &axum::http::HeaderMap,
+    trusted: bool,
+    ratio: f64,
+) {
+    let cx = extract(&opentelemetry_http::HeaderExtractor(headers));
+    let cx = if trusted {
+        cx
+    } else {
+        let sc = cx.span().span_context().clone();
+        let flags = if super::ratio_samples(sc.trace_id().to_bytes(), ratio) {
+            opentelemetry::trace::TraceFlags::SAMPLED
+        } else {
+            opentelemetry::trace::TraceFlags::default()
+        };
+        Context::new().with_remote_span_context(opentelemetry::trace::SpanContext::new(
+            sc.trace_id(),
+            sc.span_id(),
+            flags,
+            true,
+            sc.trace_state().clone(),
+        ))
+    };
+    set_parent(span, cx);
 }
 
-/// Make `span` a child of a W3C `traceparent` (the Redis envelope's field).
+/// Make `span` a child of a W3C `traceparent` (the Redis envelope's field, written by relay).
 pub fn set_parent_from_traceparent(span: &Span, traceparent: &str) {
-    set_parent_from(span, &TraceparentCarrier(traceparent));
+    set_parent(span, extract(&TraceparentCarrier(traceparent)));
 }
 
-fn set_parent_from(span: &Span, carrier: &dyn Extractor) {
-    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier));
+fn extract(carrier: &dyn Extractor) -> Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(carrier))
+}
+
+fn set_parent(span: &Span, cx: Context) {
     if cx.span().span_context().is_valid() {
         // Fails only if the span is disabled; then there is nothing to link.
         let _ = span.set_parent(cx);

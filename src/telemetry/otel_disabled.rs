@@ -39,7 +39,13 @@ pub fn describe_endpoint(settings: &TelemetrySettings) -> String {
 
 pub fn install_propagator() {}
 
-pub fn set_parent_from_headers(_span: &Span, _headers: &axum::http::HeaderMap) {}
+pub fn set_parent_from_headers(
+    _span: &Span,
+    _headers: &axum::http::HeaderMap,
+    _trusted: bool,
+    _ratio: f64,
+) {
+}
 
 pub fn set_parent_from_traceparent(_span: &Span, _traceparent: &str) {}
 

@@ -325,3 +325,56 @@ async fn one_trace_spans_http_publish_on_one_replica_and_delivery_on_another() {
         "delivery happened on the other replica"
     );
 }
+
+/// `sampling_ratio = 0`: a client's `traceparent` with the sampled flag is obeyed from a trusted
+/// peer only; an untrusted client cannot switch tracing on.
+#[tokio::test]
+async fn only_trusted_peers_can_force_sampling_with_traceparent() {
+    let (collector, spans) = start_collector().await;
+    let env = |trusted: &str| {
+        [
+            ("APP__TELEMETRY__OTLP_ENDPOINT", collector.clone()),
+            ("APP__TELEMETRY__SAMPLING_RATIO", "0".to_owned()),
+            ("APP__TELEMETRY__TRUSTED_TRACE_PEERS", trusted.to_owned()),
+            ("APP__REDIS__URL", String::new()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ]
+    };
+    let mut untrusting = RelayProcess::start(&env(""));
+    let mut trusting = RelayProcess::start(&env("127.0.0.1/32"));
+    untrusting.wait_ready().await;
+    trusting.wait_ready().await;
+    let forced = "0af7651916cd43dd8448eb211c80319c";
+    let refused = "1bf7651916cd43dd8448eb211c80319d";
+    for (relay, trace_id) in [(&trusting, forced), (&untrusting, refused)] {
+        let res = reqwest::Client::new()
+            .post(format!("http://{}/api/v1/channels/t/messages", relay.addr))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .json(&json!({"data": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    untrusting.terminate();
+    trusting.terminate();
+    assert!(
+        untrusting
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .success()
+    );
+    assert!(trusting.wait_exit(Duration::from_secs(15)).await.success());
+
+    let spans = spans.lock().unwrap().clone();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.trace_id == forced && s.name == "http_request"),
+        "the trusted peer's sampled traceparent is followed: {spans:?}"
+    );
+    assert!(
+        !spans.iter().any(|s| s.trace_id == refused),
+        "an untrusted client's sampled flag is ignored: {spans:?}"
+    );
+}
