@@ -48,7 +48,7 @@ pub struct Entry {
     pub bytes_out: u64,
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
-    /// The authenticated subject, once authentication exists.
+    /// The token's `sub`, when the request was authenticated.
     pub subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<SessionStats>,
@@ -74,9 +74,16 @@ pub struct AccessContext {
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
     pub started: Instant,
+    /// Set by whatever authenticates the request (shared by the context's clones).
+    pub subject: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl AccessContext {
+    /// Record who the request authenticated as (the first call wins).
+    pub fn set_subject(&self, subject: &str) {
+        let _ = self.subject.set(subject.to_owned());
+    }
+
     /// The entry for an exchange that ended now; `session` for WebSocket and SSE sessions.
     pub fn entry(
         &self,
@@ -99,7 +106,7 @@ impl AccessContext {
             bytes_out: bytes.1,
             client_ip: self.client_ip.clone(),
             user_agent: self.user_agent.clone(),
-            subject: None,
+            subject: self.subject.get().cloned(),
             session,
         }
     }

@@ -99,6 +99,7 @@ pub async fn record_http(State(state): State<AppState>, mut req: Request, next: 
             .and_then(|v| v.to_str().ok())
             .map(|ua| ua.chars().take(512).collect()),
         started,
+        subject: Default::default(),
     };
     req.extensions_mut().insert(context.clone());
 

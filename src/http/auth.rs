@@ -10,6 +10,7 @@ use axum::{
 };
 
 use crate::{
+    access_log::AccessContext,
     auth::{Action, AuthError, Principal},
     http::error::ApiError,
     state::AppState,
@@ -79,7 +80,16 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, bearer(&parts.headers)).map(Caller)
+        let principal = authenticate(state, bearer(&parts.headers))?;
+        note_subject(parts.extensions.get(), principal.as_ref());
+        Ok(Caller(principal))
+    }
+}
+
+/// Put the authenticated subject in the request's access-log entry.
+pub fn note_subject(context: Option<&AccessContext>, principal: Option<&Principal>) {
+    if let (Some(context), Some(principal)) = (context, principal) {
+        context.set_subject(&principal.sub);
     }
 }
 

@@ -154,16 +154,18 @@ pub async fn stream(
     State(state): State<AppState>,
     Extension(limits): Extension<Arc<ConnectionLimits>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    context: Option<Extension<crate::access_log::AccessContext>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     auth::check_origin(&headers, &state.settings.ws.allowed_origins)?;
     let query_token = auth::query_token(query.as_deref());
-    let session_access =
-        match auth::authenticate(&state, auth::bearer(&headers).or(query_token.as_deref()))? {
-            Some(principal) => Access::Granted(principal),
-            None => Access::Open,
-        };
+    let principal = auth::authenticate(&state, auth::bearer(&headers).or(query_token.as_deref()))?;
+    auth::note_subject(context.as_ref().map(|Extension(c)| c), principal.as_ref());
+    let session_access = match principal {
+        Some(principal) => Access::Granted(principal),
+        None => Access::Open,
+    };
     let mut subs = subscriptions(&state, query.as_deref())?;
     if subs.is_empty() {
         return Err(ApiError::Validation(

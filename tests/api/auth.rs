@@ -642,3 +642,68 @@ async fn relay_token_prints_a_token_the_server_accepts() {
     );
     assert!(!bad.status.success());
 }
+
+/// Every access-log entry of an authenticated request names its subject: HTTP API, SSE and
+/// WebSocket alike (and the query token stays redacted).
+#[tokio::test]
+async fn access_log_entries_name_the_subject() {
+    let dir = std::env::temp_dir().join(format!("relay-subject-{}", uuid::Uuid::new_v4().simple()));
+    let file = dir.join("access.log");
+    let path = file.clone();
+    let mut app = auth_app(|s| {
+        s.access_log.sinks = vec![relay::config::AccessLogSinkKind::File];
+        s.access_log.file_path = path;
+    })
+    .await;
+    let all = json!({ "subscribe": ["*"], "publish": ["*"], "history": ["*"] });
+    let alice = hs256(&claims("alice", 600, all.clone()));
+    let bob = hs256(&claims("bob", 600, all.clone()));
+    let carol = hs256(&claims("carol", 600, all));
+    let url = app.url("/api/v1/channels/logged/messages");
+    assert_eq!(post_as(&app, &url, &alice).await.status(), 201);
+    let mut sse = app
+        .http
+        .get(app.url(&format!("/sse?channels=logged&token={bob}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    assert!(sse.chunk().await.unwrap().is_some());
+    drop(sse);
+    let mut ws = app
+        .connect_ws(&format!("?channels=logged&token={carol}"))
+        .await;
+    ws.expect_type("subscribed").await;
+    assert_eq!(
+        app.get("/api/v1/channels/logged/messages").await.status(),
+        401
+    );
+    drop(ws);
+    app.shutdown().await;
+
+    let text = std::fs::read_to_string(&file).expect("file sink wrote");
+    let entries: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let subject_of = |kind: &str, method: &str| {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == kind && e["method"] == method && e["route"] != "/readyz")
+            .map(|e| e["subject"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(subject_of("http", "POST"), [json!("alice")]);
+    assert_eq!(subject_of("sse", "GET"), [json!("bob")]);
+    assert_eq!(subject_of("websocket", "GET"), [json!("carol")]);
+    assert_eq!(
+        subject_of("http", "GET"),
+        [Value::Null],
+        "the 401 has no subject"
+    );
+    assert!(
+        !text.contains(&bob) && !text.contains(&carol),
+        "query tokens are redacted"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
