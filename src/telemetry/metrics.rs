@@ -151,6 +151,18 @@ fn describe() {
         "Realtime connections refused at the door, by reason (replica_full, per_ip)"
     );
     describe_counter!(
+        "relay_rate_limited_total",
+        "Requests, publishes and channel creations refused by a [limits] rate or quota, by limit"
+    );
+    describe_gauge!(
+        "relay_rate_limit_keys",
+        "Subjects and addresses the keyed rate limiters currently remember"
+    );
+    describe_counter!(
+        "relay_channels_removed_total",
+        "Channels removed by retention after all their messages were pruned"
+    );
+    describe_counter!(
         "relay_task_failures_total",
         "Critical tasks that stopped before shutdown, by task (each one exits the process)"
     );
