@@ -22,6 +22,7 @@
 //!   permissions; the session and the HTTP layer enforce it.
 //! * [`http`] holds the router, the error type and middleware; [`store`] is the message store
 //!   (Postgres, or memory in embedded mode) and every SQL query.
+//! * [`tls`] holds what the Redis and Postgres clients share for TLS (crypto provider, CA files).
 //! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`,
 //!   `token`).
 //!
@@ -48,4 +49,5 @@ pub mod sse;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod ws;

@@ -34,7 +34,7 @@ pub fn open(
     let client = redis::Client::open(redis_url)?;
     // Lazily connected: startup does not fail while Redis is down; readiness reports it.
     let publisher = client.get_connection_manager_lazy(publisher_config)?;
-    Ok((Publisher::Redis(publisher), Source::Redis(client)))
+    Ok((Publisher::Redis(publisher), Source::Redis(Box::new(client))))
 }
 
 /// The sending side; cheap to clone.
@@ -95,7 +95,8 @@ impl Publisher {
 
 /// What the listener connects to.
 pub enum Source {
-    Redis(redis::Client),
+    /// Boxed: with its TLS parameters the client dwarfs the other variant.
+    Redis(Box<redis::Client>),
     /// Taken by the first (and only) connect: the embedded broker never disconnects.
     Memory(Option<mpsc::Receiver<MemoryMessage>>),
 }
