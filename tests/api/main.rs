@@ -15,3 +15,4 @@ mod observability;
 mod openapi;
 mod realtime;
 mod recovery;
+mod tls;
