@@ -149,6 +149,19 @@ fn check_config(settings: &Settings) -> ExitCode {
         eprintln!("relay: invalid configuration: {err}");
         return ExitCode::from(2);
     }
+    // So are the CA files.
+    if let Some(path) = &settings.redis.tls_ca_file
+        && let Err(err) = crate::tls::read_ca_pem(path)
+    {
+        eprintln!("relay: invalid configuration: redis.tls_ca_file: {err}");
+        return ExitCode::from(2);
+    }
+    if !settings.database.url.is_empty()
+        && let Err(err) = store::connect_options(&settings.database)
+    {
+        eprintln!("relay: invalid configuration: {err}");
+        return ExitCode::from(2);
+    }
     match serde_json::to_string_pretty(settings) {
         Ok(json) => {
             println!("{json}");

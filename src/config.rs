@@ -128,6 +128,54 @@ pub struct RedisSettings {
     pub reconnect_min_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max_delay: Duration,
+    /// PEM file of the CA certificate(s) that sign the Redis server's certificate, for a private
+    /// CA. Replaces the built-in (Mozilla) roots for Redis; only with a `rediss://` URL. Unset
+    /// (`""`): the built-in roots.
+    #[serde(with = "optional_path")]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// How the Redis connection is secured, read from the `redis.url` scheme and fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTls {
+    /// `redis://`, a Unix socket, or embedded mode.
+    Off,
+    /// `rediss://`: TLS, and the server's certificate is verified.
+    Verified,
+    /// `rediss://…#insecure`: TLS without certificate verification (the redis crate's switch).
+    Unverified,
+}
+
+impl RedisSettings {
+    pub fn tls(&self) -> RedisTls {
+        match url::Url::parse(self.url.expose()) {
+            Ok(url) if url.scheme() == "rediss" && url.fragment() == Some("insecure") => {
+                RedisTls::Unverified
+            }
+            Ok(url) if url.scheme() == "rediss" => RedisTls::Verified,
+            _ => RedisTls::Off,
+        }
+    }
+}
+
+/// An optional path as a plain string, `""` meaning none: TOML has no null, and an empty
+/// variable (`APP__REDIS__TLS_CA_FILE=`) must be able to unset a file the files set.
+mod optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match path {
+            Some(path) => path.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let path = PathBuf::deserialize(d)?;
+        Ok((!path.as_os_str().is_empty()).then_some(path))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -521,6 +569,25 @@ impl Settings {
                 "redis.reconnect_max_delay",
                 "must not be smaller than redis.reconnect_min_delay",
             ));
+        }
+        if self.redis.tls_ca_file.is_some() {
+            match self.redis.tls() {
+                RedisTls::Verified => {}
+                RedisTls::Off => {
+                    return Err(ConfigError::invalid(
+                        "redis.tls_ca_file",
+                        "is set, but redis.url is not a `rediss://` URL: the CA only verifies \
+                         a TLS connection",
+                    ));
+                }
+                RedisTls::Unverified => {
+                    return Err(ConfigError::invalid(
+                        "redis.tls_ca_file",
+                        "is set, but redis.url ends in `#insecure`, which turns certificate \
+                         verification off: drop one of the two",
+                    ));
+                }
+            }
         }
         if self.redis.channel_prefix.len() > 64
             || !self.redis.channel_prefix.chars().all(is_channel_char)

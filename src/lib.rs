@@ -23,6 +23,7 @@
 //!   per-connection, per-subject and per-address token buckets.
 //! * [`http`] holds the router, the error type and middleware; [`store`] is the message store
 //!   (Postgres, or memory in embedded mode) and every SQL query.
+//! * [`tls`] holds what the Redis and Postgres clients share for TLS (crypto provider, CA files).
 //! * [`cli`] is the command line (`serve`, `migrate`, `check-config`, `healthcheck`, `openapi`,
 //!   `token`).
 //!
@@ -50,4 +51,5 @@ pub mod sse;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod ws;

@@ -10,6 +10,7 @@ use redis::aio::{ConnectionManager, PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
 
 use super::PubSubError;
+use crate::config::{RedisSettings, RedisTls};
 
 /// Messages waiting in the embedded broker. Publishers wait when it is full (backpressure,
 /// counted); the listener drains it as fast as Redis would.
@@ -22,19 +23,45 @@ pub struct MemoryMessage {
     payload: String,
 }
 
-/// Create the sending and receiving halves of the broker chosen by `redis_url`.
+/// Create the sending and receiving halves of the broker chosen by `redis.url`.
 pub fn open(
-    redis_url: &str,
+    settings: &RedisSettings,
     publisher_config: redis::aio::ConnectionManagerConfig,
 ) -> Result<(Publisher, Source), PubSubError> {
-    if redis_url.trim().is_empty() {
+    if settings.url.is_empty() {
         let (tx, rx) = mpsc::channel(MEMORY_QUEUE);
         return Ok((Publisher::Memory(tx), Source::Memory(Some(rx))));
     }
-    let client = redis::Client::open(redis_url)?;
+    let client = redis_client(settings)?;
     // Lazily connected: startup does not fail while Redis is down; readiness reports it.
     let publisher = client.get_connection_manager_lazy(publisher_config)?;
-    Ok((Publisher::Redis(publisher), Source::Redis(client)))
+    Ok((Publisher::Redis(publisher), Source::Redis(Box::new(client))))
+}
+
+/// The Redis client for `settings`. `rediss://` is TLS with the server's certificate verified
+/// against `redis.tls_ca_file` when set, the built-in Mozilla roots otherwise; the CA file is
+/// read here, so a bad one stops startup instead of failing every connection later.
+pub fn redis_client(settings: &RedisSettings) -> Result<redis::Client, PubSubError> {
+    let url = settings.url.expose();
+    match settings.tls() {
+        RedisTls::Off => return Ok(redis::Client::open(url)?),
+        RedisTls::Verified => {}
+        RedisTls::Unverified => tracing::warn!(
+            "redis.url ends in `#insecure`: TLS to Redis WITHOUT certificate verification, so \
+             anyone on the network path can impersonate the server; configure \
+             redis.tls_ca_file instead"
+        ),
+    }
+    crate::tls::install_crypto_provider();
+    let Some(path) = &settings.tls_ca_file else {
+        return Ok(redis::Client::open(url)?);
+    };
+    let root_cert = crate::tls::read_ca_pem(path).map_err(PubSubError::TlsCaFile)?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    Ok(redis::Client::build_with_tls(url, certificates)?)
 }
 
 /// The sending side; cheap to clone.
@@ -95,7 +122,8 @@ impl Publisher {
 
 /// What the listener connects to.
 pub enum Source {
-    Redis(redis::Client),
+    /// Boxed: with its TLS parameters the client dwarfs the other variant.
+    Redis(Box<redis::Client>),
     /// Taken by the first (and only) connect: the embedded broker never disconnects.
     Memory(Option<mpsc::Receiver<MemoryMessage>>),
 }

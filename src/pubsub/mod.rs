@@ -45,6 +45,8 @@ pub enum PubSubError {
     Timeout,
     #[error("the pub/sub listener has stopped")]
     ListenerStopped,
+    #[error("redis.tls_ca_file: {0}")]
+    TlsCaFile(#[source] crate::tls::CaFileError),
 }
 
 impl From<redis::RedisError> for PubSubError {
@@ -75,7 +77,7 @@ impl PubSub {
         lifecycle: &Lifecycle,
     ) -> Result<Self, PubSubError> {
         let (publisher, source) = broker::open(
-            settings.url.expose(),
+            settings,
             ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(settings.connect_timeout))
                 .set_response_timeout(Some(settings.command_timeout))

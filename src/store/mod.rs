@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{
     PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
+    postgres::{PgConnectOptions, PgPoolOptions, PgSslMode},
 };
 
 use crate::config::DatabaseSettings;
@@ -22,6 +22,8 @@ use crate::config::DatabaseSettings;
 pub enum StoreError {
     #[error("invalid database url: {0}")]
     Url(#[source] sqlx::Error),
+    #[error("database.url sslrootcert: {0}")]
+    RootCert(#[source] crate::tls::CaFileError),
     #[error("could not connect to Postgres within {timeout:?}: {source}")]
     Connect {
         timeout: Duration,
@@ -177,12 +179,39 @@ impl MessageStore {
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connection options built from settings (tests change only the database name).
+///
+/// TLS comes from the URL as in libpq: `sslmode=disable|prefer|require|verify-ca|verify-full`
+/// and `sslrootcert=` (a PEM file, added to the built-in Mozilla roots). sqlx reads that file
+/// at every connection, so it is checked here: a missing one stops startup at once, naming
+/// it, instead of after `database.connect_timeout` of retries.
 pub fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, StoreError> {
-    settings
-        .url
-        .expose()
-        .parse::<PgConnectOptions>()
-        .map_err(StoreError::Url)
+    let url = settings.url.expose();
+    let options = url.parse::<PgConnectOptions>().map_err(StoreError::Url)?;
+    if let Some(root_cert) = root_cert_file(url) {
+        crate::tls::read_ca_pem(&root_cert).map_err(StoreError::RootCert)?;
+        // Unlike libpq, sqlx does not verify against a given root under `require`.
+        if !matches!(
+            options.get_ssl_mode(),
+            PgSslMode::VerifyCa | PgSslMode::VerifyFull
+        ) {
+            tracing::warn!(
+                "database.url has sslrootcert but its sslmode does not verify certificates; \
+                 use sslmode=verify-full (or verify-ca) for the CA to be checked"
+            );
+        }
+    }
+    Ok(options)
+}
+
+/// The `sslrootcert` of a URL when it names a file (sqlx also accepts inline PEM there).
+fn root_cert_file(url: &str) -> Option<std::path::PathBuf> {
+    let url = url::Url::parse(url).ok()?;
+    url.query_pairs()
+        .filter(|(key, _)| matches!(&**key, "sslrootcert" | "ssl-root-cert" | "ssl-ca"))
+        .map(|(_, value)| value.into_owned())
+        .last()
+        .filter(|value| !value.trim_start().starts_with("-----BEGIN"))
+        .map(std::path::PathBuf::from)
 }
 
 /// Create the pool, retrying with exponential backoff until `connect_timeout` has passed, so

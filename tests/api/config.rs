@@ -96,6 +96,51 @@ fn local_runs_embedded_and_production_refuses_to() {
 }
 
 #[test]
+fn redis_tls_ca_file_is_optional_and_only_for_verified_rediss() {
+    use relay::config::RedisTls;
+    let s = load(&[]).unwrap();
+    assert_eq!(s.redis.tls_ca_file, None, "unset by default");
+    assert_eq!(s.redis.tls(), RedisTls::Off);
+    let s = load(&[
+        ("APP__REDIS__URL", "rediss://cache.example.com:6380"),
+        ("APP__REDIS__TLS_CA_FILE", "/etc/relay/redis-ca.pem"),
+    ])
+    .unwrap();
+    assert_eq!(s.redis.tls(), RedisTls::Verified);
+    assert_eq!(
+        s.redis.tls_ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/relay/redis-ca.pem"))
+    );
+    // An empty variable unsets it.
+    let s = load(&[
+        ("APP__REDIS__URL", "rediss://cache.example.com:6380"),
+        ("APP__REDIS__TLS_CA_FILE", ""),
+    ])
+    .unwrap();
+    assert_eq!(s.redis.tls_ca_file, None);
+    let insecure = load(&[(
+        "APP__REDIS__URL",
+        "rediss://cache.example.com:6380/#insecure",
+    )])
+    .unwrap();
+    assert_eq!(insecure.redis.tls(), RedisTls::Unverified);
+    // A CA that would verify nothing is a mistake, not a no-op.
+    for url in [
+        "redis://cache.example.com:6379",
+        "rediss://cache.example.com:6380/#insecure",
+        "",
+    ] {
+        let err = load(&[
+            ("APP__REDIS__URL", url),
+            ("APP__REDIS__TLS_CA_FILE", "/etc/relay/redis-ca.pem"),
+        ])
+        .expect_err(url)
+        .to_string();
+        assert!(err.contains("redis.tls_ca_file"), "{url}: {err}");
+    }
+}
+
+#[test]
 fn invalid_values_name_the_key() {
     let cases: &[(&str, &str, &str)] = &[
         ("APP__SERVER__PORT", "99999", "server.port"),

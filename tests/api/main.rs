@@ -16,3 +16,4 @@ mod observability;
 mod openapi;
 mod realtime;
 mod recovery;
+mod tls;
