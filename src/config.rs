@@ -519,6 +519,13 @@ impl Settings {
                 "`disabled` is refused with APP_ENV=production; configure a key and keep `required`",
             ));
         }
+        if app_env == "production" && self.redis.tls() == RedisTls::Unverified {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                "`#insecure` (TLS without certificate verification) is refused with \
+                 APP_ENV=production; set redis.tls_ca_file for a private CA",
+            ));
+        }
         Ok(())
     }
 

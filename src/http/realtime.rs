@@ -8,7 +8,7 @@
 //! checked before the stream starts (403); on a WebSocket a forbidden channel gets an error
 //! frame and the connection stays.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Extension,
@@ -16,12 +16,15 @@ use axum::{
         ConnectInfo, RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection,
     },
     http::HeaderMap,
-    response::{
-        Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::Response,
 };
-use futures_util::Stream;
+#[cfg(feature = "sse")]
+use {
+    crate::protocol::parse_offset,
+    axum::response::sse::{Event, KeepAlive, Sse},
+    futures_util::Stream,
+    std::convert::Infallible,
+};
 
 use crate::{
     access_log::AccessContext,
@@ -31,7 +34,7 @@ use crate::{
         error::ApiError,
         limits::{ConnectionLimits, ConnectionPermit},
     },
-    protocol::{QuerySubscription, parse_offset, parse_subscription_query},
+    protocol::{QuerySubscription, parse_subscription_query},
     session::{Access, Session},
     state::AppState,
     ws,

@@ -88,6 +88,14 @@ fn local_runs_embedded_and_production_refuses_to() {
     )
     .unwrap();
     assert!(allowed.is_embedded());
+    // TLS without certificate verification is a development switch only.
+    let insecure = [("APP__REDIS__URL", "rediss://r:6380/#insecure")];
+    assert!(load_env("local", &insecure).is_ok());
+    let err = load_env("production", &insecure).unwrap_err().to_string();
+    assert!(
+        err.contains("redis.url") && err.contains("#insecure"),
+        "{err}"
+    );
     // The Postgres access-log sink needs Postgres.
     let err = load_env("local", &[("APP__ACCESS_LOG__SINKS", "postgres")])
         .unwrap_err()
