@@ -88,7 +88,7 @@ pub fn main() -> ExitCode {
             };
             token(&settings, &sub, channels, ttl)
         }
-        Command::Openapi => match crate::http::openapi().to_pretty_json() {
+        Command::Openapi => match crate::http::openapi(&(&settings).into()).to_pretty_json() {
             Ok(json) => {
                 println!("{json}");
                 ExitCode::SUCCESS

@@ -27,11 +27,139 @@ pub fn parse_offset(text: &str) -> Option<i64> {
         .filter(|o| (0..=MAX_OFFSET).contains(o))
 }
 
+/// Why a message's `data` cannot be stored: JSON that Postgres `jsonb` refuses. The same rule
+/// holds in embedded mode, so a message accepted there is accepted in production too.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnstorableData {
+    #[error("`data` contains U+0000 (`\\u0000`) in a string, which cannot be stored")]
+    Nul,
+    #[error("`data` contains an unpaired UTF-16 surrogate escape (`\\uD800`-`\\uDFFF`)")]
+    UnpairedSurrogate,
+    #[error(
+        "`data` contains a number beyond what can be stored: at most {MAX_INTEGER_DIGITS} digits \
+         before the decimal point and {MAX_FRACTION_DIGITS} after it"
+    )]
+    NumberOutOfRange,
+}
+
+/// Postgres `numeric` limits, which `jsonb` numbers have: the weight of the first digit is an
+/// `int16` in base 10000 (so 4 × 32768 decimal digits before the point), and the display scale
+/// (digits written after the point, less the exponent) is at most `0x3FFF`.
+const MAX_INTEGER_DIGITS: i64 = 131_072;
+const MAX_FRACTION_DIGITS: i64 = 16_383;
+/// Postgres refuses any exponent from `INT_MAX / 2` on, even on zero.
+const MAX_EXPONENT: i64 = 1_073_741_823;
+
+/// Check that `json` (already valid JSON) can be stored: no U+0000 and no unpaired surrogate in
+/// any string or key, every number within `numeric`'s range.
+pub fn check_storable(json: &str) -> Result<(), UnstorableData> {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        // Outside strings, valid JSON has digits and `-` only in numbers.
+        i = match bytes[i] {
+            b'"' => storable_string(bytes, i + 1)?,
+            b'-' | b'0'..=b'9' => storable_number(bytes, i)?,
+            _ => i + 1,
+        };
+    }
+    Ok(())
+}
+
+/// Check the string starting after the quote at `i - 1`; returns the index after its end.
+fn storable_string(bytes: &[u8], mut i: usize) -> Result<usize, UnstorableData> {
+    // A high surrogate escape waiting for its low half.
+    let mut high = false;
+    while let Some(&b) = bytes.get(i) {
+        let unit = match b {
+            b'"' => break,
+            b'\\' if bytes.get(i + 1) == Some(&b'u') => {
+                let hex = bytes.get(i + 2..i + 6).unwrap_or_default();
+                i += 6;
+                std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+            }
+            b'\\' => {
+                i += 2;
+                None
+            }
+            _ => {
+                i += 1;
+                None
+            }
+        };
+        match unit {
+            Some(0) => return Err(UnstorableData::Nul),
+            Some(0xD800..=0xDBFF) if !high => high = true,
+            Some(0xDC00..=0xDFFF) if high => high = false,
+            Some(0xD800..=0xDFFF) => return Err(UnstorableData::UnpairedSurrogate),
+            _ if high => return Err(UnstorableData::UnpairedSurrogate),
+            _ => {}
+        }
+    }
+    if high {
+        return Err(UnstorableData::UnpairedSurrogate);
+    }
+    Ok(i + 1)
+}
+
+/// Check the number starting at `i`; returns the index after it.
+fn storable_number(bytes: &[u8], mut i: usize) -> Result<usize, UnstorableData> {
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while bytes.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        &bytes[start..*i]
+    };
+    if bytes.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    let integer = digits(&mut i);
+    let fraction = if bytes.get(i) == Some(&b'.') {
+        i += 1;
+        digits(&mut i)
+    } else {
+        &[]
+    };
+    let mut exponent: i64 = 0;
+    if matches!(bytes.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        let negative = bytes.get(i) == Some(&b'-');
+        if matches!(bytes.get(i), Some(b'-' | b'+')) {
+            i += 1;
+        }
+        for d in digits(&mut i) {
+            // Saturates: anything this large is refused anyway.
+            exponent = (exponent * 10 + i64::from(d - b'0')).min(MAX_EXPONENT);
+        }
+        if negative {
+            exponent = -exponent;
+        }
+    }
+    let scale = fraction.len() as i64 - exponent;
+    let first_significant = integer.iter().chain(fraction).position(|&d| d != b'0');
+    // Decimal position of the first significant digit (0 for units, -1 for tenths, …).
+    let top = first_significant.map(|f| integer.len() as i64 - 1 - f as i64 + exponent);
+    if exponent.abs() >= MAX_EXPONENT
+        || scale > MAX_FRACTION_DIGITS
+        || top.is_some_and(|t| t >= MAX_INTEGER_DIGITS)
+    {
+        return Err(UnstorableData::NumberOutOfRange);
+    }
+    Ok(i)
+}
+
 /// Characters allowed in channel names (and in the Redis prefix in front of them, which
 /// `config` validates with this same function).
 pub fn is_channel_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | '.')
 }
+
+/// [`is_channel_char`] as a regular-expression class, for the OpenAPI document's `pattern`s
+/// (a test checks the two agree on every `char`).
+pub const CHANNEL_CHAR_CLASS: &str = "[A-Za-z0-9_.:-]";
 
 /// Why a channel name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,10 +175,12 @@ pub fn validate_channel(name: &str) -> Result<&str, InvalidChannel> {
     }
 }
 
-/// Parse a `channels=a,b` query value. Empty items are ignored; duplicates are kept once.
+/// Parse a `channels=a,b` query value: one or more valid names separated by commas, nothing
+/// else (no blanks, no empty items), so the OpenAPI `pattern` can state exactly what is
+/// accepted. Duplicates are kept once.
 pub fn parse_channel_list(list: &str) -> Result<Vec<String>, InvalidChannel> {
     let mut out: Vec<String> = Vec::new();
-    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for name in list.split(',') {
         let name = validate_channel(name)?;
         if !out.iter().any(|c| c == name) {
             out.push(name.to_owned());
@@ -67,29 +197,42 @@ pub struct QuerySubscription {
     pub since: Option<i64>,
 }
 
-/// Parse `channels=a,b&since.a=41` (the form `/ws` and `/sse` accept). Other parameters are
-/// ignored; a `since.x` for a channel not listed, or not a non-negative integer, is an error.
-pub fn parse_subscription_query(query: Option<&str>) -> Result<Vec<QuerySubscription>, String> {
-    let mut channels = Vec::new();
+/// Parse `channels=a,b&since.a=41` (the form `/ws` and `/sse` accept), listing at most
+/// `max_channels` names in all. Other parameters are ignored. Errors: a `channels` that is empty
+/// or not a list of valid names, more than `max_channels` names listed (duplicates count: the
+/// limit is on what the request lists, as the OpenAPI `pattern` states it), a `since.x` for a
+/// channel not listed, or one that is not an offset.
+pub fn parse_subscription_query(
+    query: Option<&str>,
+    max_channels: usize,
+) -> Result<Vec<QuerySubscription>, String> {
+    let mut listed = 0usize;
+    let mut subs: Vec<QuerySubscription> = Vec::new();
     let mut since = Vec::new();
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if key == "channels" {
-            channels.extend(parse_channel_list(&value).map_err(|e| e.to_string())?);
+            if value.is_empty() {
+                return Err(
+                    "`channels` is empty: list at least one channel, or leave it out".to_owned(),
+                );
+            }
+            listed += value.split(',').count();
+            if listed > max_channels {
+                return Err(format!("at most {max_channels} channels per connection"));
+            }
+            for channel in parse_channel_list(&value).map_err(|e| e.to_string())? {
+                if !subs.iter().any(|s| s.channel == channel) {
+                    subs.push(QuerySubscription {
+                        channel,
+                        since: None,
+                    });
+                }
+            }
         } else if let Some(channel) = key.strip_prefix("since.") {
             let offset = parse_offset(&value).ok_or_else(|| {
                 format!("`{key}` must be an integer offset between 0 and {MAX_OFFSET}")
             })?;
             since.push((channel.to_owned(), offset));
-        }
-    }
-    channels.dedup();
-    let mut subs: Vec<QuerySubscription> = Vec::new();
-    for channel in channels {
-        if !subs.iter().any(|s| s.channel == channel) {
-            subs.push(QuerySubscription {
-                channel,
-                since: None,
-            });
         }
     }
     for (channel, offset) in since {
@@ -230,6 +373,10 @@ impl<'a> ClientFrame<'a> {
             "publish" => {
                 let b: PublishBody = body("publish", text)?;
                 validate_channel(&b.channel)?;
+                check_storable(b.data.get()).map_err(|e| FrameError::InvalidFrame {
+                    ty: "publish",
+                    reason: e.to_string(),
+                })?;
                 Self::Publish {
                     channel: b.channel,
                     data: b.data,
@@ -545,13 +692,28 @@ mod tests {
         assert!(validate_channel("").is_err());
         assert!(validate_channel("a b").is_err());
         assert!(validate_channel("é").is_err());
-        assert_eq!(parse_channel_list("a, b,,a").unwrap(), vec!["a", "b"]);
-        assert!(parse_channel_list("a,b/c").is_err());
+        assert_eq!(parse_channel_list("a,b,a").unwrap(), vec!["a", "b"]);
+        for bad in ["a,b/c", "a, b", "a,,b", "a,", ",a", " a", ""] {
+            assert!(parse_channel_list(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_documented_channel_class_is_the_validator() {
+        let class = regex::Regex::new(&format!("^{CHANNEL_CHAR_CLASS}$")).unwrap();
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            let mut buf = [0; 4];
+            assert_eq!(
+                class.is_match(c.encode_utf8(&mut buf)),
+                is_channel_char(c),
+                "{c:?}"
+            );
+        }
     }
 
     #[test]
     fn subscription_queries() {
-        let subs = parse_subscription_query(Some("channels=a,b&since.b=41&token=x")).unwrap();
+        let subs = parse_subscription_query(Some("channels=a,b&since.b=41&token=x"), 100).unwrap();
         assert_eq!(
             subs,
             vec![
@@ -565,10 +727,57 @@ mod tests {
                 },
             ]
         );
-        assert!(parse_subscription_query(Some("channels=a&since.c=1")).is_err());
-        assert!(parse_subscription_query(Some("channels=a&since.a=-1")).is_err());
-        assert!(parse_subscription_query(Some("channels=a%20b")).is_err());
-        assert!(parse_subscription_query(None).unwrap().is_empty());
+        for bad in [
+            "channels=a&since.c=1",
+            "channels=a&since.a=-1",
+            "channels=a%20b",
+            "channels=",
+            "channels=a,",
+            "channels=a&channels=",
+        ] {
+            assert!(parse_subscription_query(Some(bad), 100).is_err(), "{bad}");
+        }
+        assert!(parse_subscription_query(None, 100).unwrap().is_empty());
+        assert!(
+            parse_subscription_query(Some("token=x"), 100)
+                .unwrap()
+                .is_empty()
+        );
+        // The limit is on the names listed, duplicates and repeated `channels` included.
+        assert_eq!(
+            parse_subscription_query(Some("channels=a,b&channels=a"), 3)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_subscription_query(Some("channels=a,a,a,a"), 3).is_err());
+        assert!(parse_subscription_query(Some("channels=a,b&channels=c,d"), 3).is_err());
+    }
+
+    #[test]
+    fn storable_json() {
+        for ok in [
+            r#"{"a":[1,"x",null,true,{"b":-2.5e10}]}"#,
+            r#""\\u0000""#,
+            r#""\ud83d\ude00""#,
+            "1e131071",
+            "0e1000000",
+            "1e-16383",
+        ] {
+            assert_eq!(check_storable(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            (r#""a\u0000""#, UnstorableData::Nul),
+            (r#"{"\u0000":1}"#, UnstorableData::Nul),
+            (r#""\ud83d""#, UnstorableData::UnpairedSurrogate),
+            (r#""\ude00\ud83d""#, UnstorableData::UnpairedSurrogate),
+            (r#""\ud83dx""#, UnstorableData::UnpairedSurrogate),
+            ("1e131072", UnstorableData::NumberOutOfRange),
+            ("[1.0e-16383]", UnstorableData::NumberOutOfRange),
+            ("0e1073741823", UnstorableData::NumberOutOfRange),
+        ] {
+            assert_eq!(check_storable(bad), Err(why), "{bad}");
+        }
     }
 
     #[test]
@@ -601,6 +810,12 @@ mod tests {
         assert_eq!(
             ClientFrame::parse(r#"[1]"#).unwrap_err().code(),
             "invalid_json"
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"publish","channel":"x","data":"\u0000"}"#)
+                .unwrap_err()
+                .code(),
+            "invalid_frame"
         );
     }
 
@@ -649,7 +864,9 @@ mod tests {
                 "{since}"
             );
         }
-        assert!(parse_subscription_query(Some("channels=a&since.a=9223372036854775807")).is_err());
+        assert!(
+            parse_subscription_query(Some("channels=a&since.a=9223372036854775807"), 100).is_err()
+        );
     }
 
     #[test]

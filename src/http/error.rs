@@ -16,8 +16,9 @@ use axum::{
     extract::{
         Request,
         rejection::{JsonRejection, QueryRejection},
+        ws::rejection::WebSocketUpgradeRejection,
     },
-    http::{StatusCode, header},
+    http::{HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -51,6 +52,10 @@ pub enum ApiError {
     /// The subject has created `limits.channels_per_subject` channels (429).
     #[error("{0}")]
     ChannelLimit(String),
+    /// A plain HTTP request (or an unsupported WebSocket version) on the WebSocket route: 426
+    /// with `Upgrade: websocket` and `Sec-WebSocket-Version: 13`, which say what to send instead.
+    #[error("{0}")]
+    UpgradeRequired(String),
     /// An axum rejection that keeps its own status (e.g. a failed WebSocket upgrade).
     #[error("{message}")]
     Rejected { status: StatusCode, message: String },
@@ -78,6 +83,7 @@ impl ApiError {
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::ChannelLimit(_) => (StatusCode::TOO_MANY_REQUESTS, "channel_limit"),
+            Self::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             Self::Rejected { status, .. } => (*status, code_for(*status)),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -117,19 +123,26 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %source, "request failed");
         }
         let mut res = error_response(status, code, &self.to_string());
+        let headers = res.headers_mut();
         match &self {
             // RFC 6750: tell the client which scheme is expected.
             Self::Unauthorized(_) => {
-                res.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    axum::http::HeaderValue::from_static("Bearer"),
-                );
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             // Whole seconds (RFC 9110), rounded up so a client that waits them succeeds.
             Self::RateLimited(limited) => {
                 let secs = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                res.headers_mut()
-                    .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            // RFC 9110 §15.5.22 (426 names the protocol in `Upgrade`, itself listed in
+            // `Connection`) and RFC 6455 §4.4 (the versions the server speaks).
+            Self::UpgradeRequired(_) => {
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             _ => {}
         }
@@ -208,11 +221,23 @@ pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<
     )
 }
 
-impl From<axum::extract::ws::rejection::WebSocketUpgradeRejection> for ApiError {
-    fn from(rejection: axum::extract::ws::rejection::WebSocketUpgradeRejection) -> Self {
-        Self::Rejected {
-            status: rejection.status(),
-            message: rejection.body_text(),
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: WebSocketUpgradeRejection) -> Self {
+        match rejection {
+            // Not an upgrade at all (axum says 400): the request is fine, the protocol is not.
+            WebSocketUpgradeRejection::InvalidConnectionHeader(_)
+            | WebSocketUpgradeRejection::InvalidUpgradeHeader(_) => Self::UpgradeRequired(
+                "this endpoint speaks WebSocket only: send an upgrade request (`Connection: \
+                 Upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13`, `Sec-WebSocket-Key`)"
+                    .to_owned(),
+            ),
+            WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_) => Self::UpgradeRequired(
+                "unsupported WebSocket version: send `Sec-WebSocket-Version: 13`".to_owned(),
+            ),
+            other => Self::Rejected {
+                status: other.status(),
+                message: other.body_text(),
+            },
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::{
         auth::Caller,
         error::{ApiError, AppJson, AppQuery, ErrorBody},
     },
-    protocol::{MAX_OFFSET, validate_channel},
+    protocol::{MAX_OFFSET, check_storable, validate_channel},
     publish::{self, PublishError, Published},
     state::AppState,
     store::StoreError,
@@ -54,13 +54,15 @@ fn channel_name(channel: &str) -> Result<&str, ApiError> {
     validate_channel(channel).map_err(|e| ApiError::Validation(e.to_string()))
 }
 
-/// Body of a publish request.
+/// Body of a publish request (other fields are ignored).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct PublishRequest {
-    /// Any JSON value.
-    #[schema(value_type = serde_json::Value)]
+    #[schema(value_type = crate::http::apidoc::MessageData)]
     pub data: Box<RawValue>,
 }
+
+/// The channel in the path; its `pattern` and length come from `crate::http::apidoc`.
+const CHANNEL_PARAM: &str = "Channel name: 1-128 characters of A-Z a-z 0-9 _ - : .";
 
 /// Publish a message: stored with the channel's next offset, then delivered to every subscriber
 /// on every replica.
@@ -68,16 +70,24 @@ pub struct PublishRequest {
     post,
     path = "/api/v1/channels/{channel}/messages",
     tag = "messages",
-    params(("channel" = String, Path, description = "1-128 characters of A-Z a-z 0-9 _ - : .")),
-    request_body = PublishRequest,
+    params(("channel" = String, Path, description = CHANNEL_PARAM)),
+    request_body(
+        content = PublishRequest,
+        description = "`{\"data\": <JSON>}`, at most `http.max_body_bytes` (1 MiB by default)",
+    ),
+    security(("bearer" = [])),
     responses(
         (status = 201, description = "Stored (durable) and being delivered", body = Published),
-        (status = 400, description = "Invalid channel or body", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody),
+        (status = 400, description = "Invalid channel, a body that is not `{\"data\": <JSON>}`, or `data` that cannot be stored", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 403, description = "The token may not publish on this channel", body = ErrorBody),
+        (status = 408, description = "No answer within http.request_timeout", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
-        (status = 415, description = "Body is not application/json", body = ErrorBody),
-        (status = 429, description = "A rate limit (`rate_limited`, with Retry-After) or the subject's channel quota (`channel_limit`)", body = ErrorBody),
+        (status = 415, description = "Body is not `Content-Type: application/json`", body = ErrorBody),
+        (status = 429, description = "A rate limit (`rate_limited`, with Retry-After) or the subject's channel quota (`channel_limit`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed (rate limits only)"))),
+        (status = 500, description = "Internal error (logged; the message says nothing more)", body = ErrorBody),
         (status = 503, description = "Message store unavailable", body = ErrorBody),
     )
 )]
@@ -89,6 +99,7 @@ pub async fn publish_message(
 ) -> Result<(StatusCode, AppJson<Published>), ApiError> {
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
+    check_storable(body.data.get()).map_err(|e| ApiError::Validation(e.to_string()))?;
     let published = publish::publish(&state, channel, &body.data, caller.subject()).await?;
     Ok((StatusCode::CREATED, AppJson(published)))
 }
@@ -96,10 +107,11 @@ pub async fn publish_message(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
-    /// Return messages with an offset greater than this (default 0).
+    /// Return messages with an offset greater than this.
     #[serde(default)]
     pub since: Option<i64>,
-    /// Page size, 1..=history.max_page_size (default history.default_page_size).
+    /// Page size: at most `history.max_page_size` (1000 by default); `history.default_page_size`
+    /// when absent.
     #[serde(default)]
     pub limit: Option<i64>,
 }
@@ -107,7 +119,7 @@ pub struct HistoryQuery {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HistoryMessage {
     pub id: i64,
-    #[schema(value_type = serde_json::Value)]
+    #[schema(value_type = crate::http::apidoc::MessageData)]
     pub data: Box<RawValue>,
     pub created_at: DateTime<Utc>,
 }
@@ -133,12 +145,16 @@ pub struct HistoryPage {
     get,
     path = "/api/v1/channels/{channel}/messages",
     tag = "messages",
-    params(("channel" = String, Path, description = "1-128 characters of A-Z a-z 0-9 _ - : ."), HistoryQuery),
+    params(("channel" = String, Path, description = CHANNEL_PARAM), HistoryQuery),
+    security(("bearer" = [])),
     responses(
         (status = 200, description = "A page of history", body = HistoryPage),
         (status = 400, description = "Invalid channel, since or limit", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 403, description = "The token may not read this channel's history", body = ErrorBody),
+        (status = 408, description = "No answer within http.request_timeout", body = ErrorBody),
+        (status = 500, description = "Internal error (logged; the message says nothing more)", body = ErrorBody),
         (status = 503, description = "Message store unavailable", body = ErrorBody),
     )
 )]

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod apidoc;
 pub mod auth;
 pub mod error;
 pub mod health;
@@ -34,27 +35,12 @@ use tower_http::{
 
 use crate::{config::HttpSettings, state::AppState};
 
-#[derive(utoipa::OpenApi)]
-#[openapi(
-    info(
-        title = "relay",
-        description = "Realtime fan-out over WebSocket and SSE with durable, gapless per-channel history. \
-                       The WebSocket and SSE protocols are specified in docs/protocol.md."
-    ),
-    tags(
-        (name = "messages", description = "Publish and history"),
-        (name = "realtime", description = "WebSocket and Server-Sent Events"),
-        (name = "health", description = "Probes"),
-    )
-)]
-struct ApiDoc;
-
 /// Every documented route. Registering through `OpenApiRouter` keeps the OpenAPI document and
 /// the router one list: a route cannot exist undocumented, or be documented but missing.
 pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     use utoipa::OpenApi as _;
     use utoipa_axum::routes;
-    let routes = utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let routes = utoipa_axum::router::OpenApiRouter::with_openapi(apidoc::ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(realtime::upgrade))
@@ -64,9 +50,11 @@ pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     routes
 }
 
-/// The OpenAPI document served at `/api-docs/openapi.json`.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().into_openapi()
+/// The OpenAPI document served at `/api-docs/openapi.json` by a server with these limits.
+pub fn openapi(limits: &apidoc::ApiLimits) -> utoipa::openapi::OpenApi {
+    let mut doc = api_routes().into_openapi();
+    apidoc::constrain(&mut doc, limits);
+    doc
 }
 
 /// Build the router with every route and layer.
@@ -79,7 +67,8 @@ pub fn router(state: AppState) -> Router {
     let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
     let rate_limit = axum::middleware::from_fn_with_state(state.clone(), limits::rate_limit_http);
     let trace = middleware::trace_layer(&state.settings);
-    let (api, openapi) = api_routes().split_for_parts();
+    let (api, mut openapi) = api_routes().split_for_parts();
+    apidoc::constrain(&mut openapi, &apidoc::ApiLimits::from(&*state.settings));
     #[cfg(feature = "demo")]
     let api = api.merge(crate::demo::routes(
         &state.settings.demo,

@@ -31,7 +31,7 @@ use crate::{
     http::{
         access::client_ip,
         auth,
-        error::ApiError,
+        error::{ApiError, ErrorBody},
         limits::{ConnectionLimits, ConnectionPermit},
     },
     protocol::{QuerySubscription, parse_subscription_query},
@@ -60,14 +60,8 @@ fn subscriptions(
     if state.lifecycle.is_draining() {
         return Err(ApiError::Unavailable("server is shutting down".to_owned()));
     }
-    let subs = parse_subscription_query(query).map_err(ApiError::Validation)?;
-    let max = state.settings.ws.max_subscriptions;
-    if subs.len() > max {
-        return Err(ApiError::Validation(format!(
-            "at most {max} channels per connection"
-        )));
-    }
-    Ok(subs)
+    parse_subscription_query(query, state.settings.ws.max_subscriptions)
+        .map_err(ApiError::Validation)
 }
 
 /// Validate the query, then upgrade. Refusals happen before the upgrade, as JSON errors.
@@ -76,18 +70,24 @@ fn subscriptions(
     path = "/ws",
     tag = "realtime",
     operation_id = "upgrade",
-    description = "WebSocket upgrade. `channels=a,b` subscribes at connect, `since.<channel>=<offset>` resumes; frames in docs/protocol.md.",
+    description = "WebSocket upgrade; frames in docs/protocol.md. `since.<channel>=<offset>` (one per listed channel, an offset 0..=9007199254740991) resumes a channel after that offset.                    With `auth.mode = required` a token is optional here: without one the first frame must be `{\"type\":\"auth\",\"token\":…}`.                    A request that is not a WebSocket upgrade gets 426 once the query is valid.",
     params(
-        ("channels" = Option<String>, Query, description = "Comma-separated channels to subscribe to"),
-        ("token" = Option<String>, Query, description = "Bearer token for clients that cannot set `Authorization` (redacted in logs); without any token the first frame must be `{\"type\":\"auth\",\"token\":…}`"),
+        ("channels" = Option<String>, Query, description = "Channels to subscribe to at connect, separated by commas (no blanks, no empty items); at most `ws.max_subscriptions` (100 by default) listed. Leave it out to subscribe later with frames."),
     ),
+    security(("bearer" = []), ("token" = []), ()),
     responses(
         (status = 101, description = "Switching protocols: the WebSocket session starts"),
-        (status = 400, description = "Invalid channels or not a WebSocket request", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Invalid bearer token (auth.mode = required)", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Origin not allowed (ws.allowed_origins)", body = crate::http::error::ErrorBody),
-        (status = 429, description = "Too many connections from this client address (ws.max_connections_per_ip)", body = crate::http::error::ErrorBody),
-        (status = 503, description = "Shutting down, or this replica is at ws.max_connections", body = crate::http::error::ErrorBody),
+        (status = 400, description = "Invalid `channels` or `since.<channel>`, or a malformed upgrade (no `Sec-WebSocket-Key`)", body = ErrorBody),
+        (status = 401, description = "Invalid token (auth.mode = required)", body = ErrorBody,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "Origin not allowed (ws.allowed_origins)", body = ErrorBody),
+        (status = 426, description = "Not a WebSocket upgrade (`Connection: Upgrade` and `Upgrade: websocket` missing), or a `Sec-WebSocket-Version` other than 13", body = ErrorBody,
+            headers(
+                ("Upgrade" = String, description = "`websocket`"),
+                ("Sec-WebSocket-Version" = String, description = "`13`"),
+            )),
+        (status = 429, description = "Too many connections from this client address (ws.max_connections_per_ip)", body = ErrorBody),
+        (status = 503, description = "Shutting down, or this replica is at ws.max_connections", body = ErrorBody),
     )
 )]
 pub async fn upgrade(
@@ -139,18 +139,20 @@ pub async fn upgrade(
     path = "/sse",
     tag = "realtime",
     operation_id = "stream",
-    description = "`event: message` with the WebSocket message frame as data and the offset as id; `Last-Event-ID` resumes a single-channel stream. See docs/protocol.md.",
+    description = "`event: subscribed` per channel, then `event: message` with the WebSocket message frame as data and the offset as id.                    `since.<channel>=<offset>` (one per listed channel, an offset 0..=9007199254740991) resumes a channel after that offset. See docs/protocol.md.",
     params(
-        ("channels" = String, Query, description = "Comma-separated channels (at least one)"),
-        ("token" = Option<String>, Query, description = "Bearer token for clients that cannot set `Authorization` (EventSource); redacted in logs"),
+        ("channels" = String, Query, description = "Channels to stream, separated by commas (no blanks, no empty items); at least one, at most `ws.max_subscriptions` (100 by default) listed."),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume a single-channel stream after this offset (browsers send it when they reconnect); ignored with several channels, but still checked."),
     ),
+    security(("bearer" = []), ("token" = [])),
     responses(
-        (status = 200, description = "text/event-stream", content_type = "text/event-stream"),
-        (status = 400, description = "Invalid channels or Last-Event-ID", body = crate::http::error::ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = crate::http::error::ErrorBody),
-        (status = 403, description = "Origin not allowed, or the token may not subscribe to a listed channel", body = crate::http::error::ErrorBody),
-        (status = 429, description = "Too many connections from this client address (ws.max_connections_per_ip)", body = crate::http::error::ErrorBody),
-        (status = 503, description = "Shutting down, Redis unavailable, or this replica is at ws.max_connections", body = crate::http::error::ErrorBody),
+        (status = 200, description = "The event stream", content_type = "text/event-stream"),
+        (status = 400, description = "Invalid `channels`, `since.<channel>` or `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token (auth.mode = required)", body = ErrorBody,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "Origin not allowed, or the token may not subscribe to a listed channel", body = ErrorBody),
+        (status = 429, description = "Too many connections from this client address (ws.max_connections_per_ip)", body = ErrorBody),
+        (status = 503, description = "Shutting down, Redis unavailable, or this replica is at ws.max_connections", body = ErrorBody),
     )
 )]
 pub async fn stream(

@@ -129,13 +129,28 @@ async fn errors_have_one_json_shape() {
         .await
         .unwrap();
     assert_error_shape(res, 413, "payload_too_large").await;
-    // A plain HTTP GET on the WebSocket route is refused with the same shape.
-    let res = app.get("/ws").await;
-    assert!(res.status().is_client_error());
-    let body: Value = res.json().await.unwrap();
-    assert!(body["error"]["code"].is_string());
-    let res = app.get("/ws?channels=bad%20name").await;
-    assert_error_shape(res, 400, "invalid_input").await;
+    // A plain HTTP GET on the WebSocket route is refused with the same shape: 426 naming the
+    // protocol to upgrade to (a bad query is reported first, as 400).
+    let res = app.get("/ws?channels=a").await;
+    assert_eq!(res.headers()["upgrade"], "websocket");
+    assert_eq!(res.headers()["sec-websocket-version"], "13");
+    assert_error_shape(res, 426, "upgrade_required").await;
+    let res = app
+        .http
+        .get(app.url("/ws"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "8")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["sec-websocket-version"], "13");
+    assert_error_shape(res, 426, "upgrade_required").await;
+    for query in ["channels=bad%20name", "channels=", "channels=a,,b"] {
+        let res = app.get(&format!("/ws?{query}")).await;
+        assert_error_shape(res, 400, "invalid_input").await;
+    }
 }
 
 /// A client that sends half a request line and stalls is disconnected after

@@ -85,6 +85,28 @@ async fn rejected_publishes_touch_neither_postgres_nor_redis() {
             413,
             "payload_too_large",
         ),
+        // What Postgres `jsonb` cannot store is the client's mistake (400), not a 500.
+        (
+            app.http.post(&url).json(&json!({"data": {"k": "a\u{0}b"}})),
+            400,
+            "invalid_input",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(r#"{"data":"\udc00"}"#),
+            400,
+            "invalid_input",
+        ),
+        (
+            app.http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(r#"{"data":[1e131072]}"#),
+            400,
+            "invalid_input",
+        ),
     ];
     for (request, status, code) in cases {
         let res = request.send().await.unwrap();
@@ -93,7 +115,14 @@ async fn rejected_publishes_touch_neither_postgres_nor_redis() {
         assert_eq!(body["error"]["code"], code, "{body}");
         assert!(body["error"]["request_id"].is_string());
     }
-    for query in ["limit=0", "limit=100000", "since=-1", "limit=abc"] {
+    for query in [
+        "limit=0",
+        "limit=100000",
+        "since=-1",
+        "since=-9223372036854775808",
+        "since=9007199254740992",
+        "limit=abc",
+    ] {
         let res = app
             .get(&format!("/api/v1/channels/c/messages?{query}"))
             .await;
@@ -106,6 +135,90 @@ async fn rejected_publishes_touch_neither_postgres_nor_redis() {
     }
     assert_eq!(message_count(&app).await, 0);
     ws.expect_silence(Duration::from_millis(300)).await;
+}
+
+/// `protocol::check_storable` accepts exactly the JSON Postgres `jsonb` stores: asked of
+/// Postgres itself, around every limit it has.
+#[tokio::test]
+async fn storable_data_is_exactly_what_postgres_stores() {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&crate::helpers::postgres_url())
+        .await
+        .unwrap();
+    let mut cases: Vec<String> = [
+        r#""plain""#,
+        r#""\u0000""#,
+        r#""a\u0000""#,
+        r#""\\u0000""#,
+        r#"{"k\u0000":1}"#,
+        r#""\ud83d\ude00""#,
+        r#""\ud83d""#,
+        r#""\ude00""#,
+        r#""\ud83dx""#,
+        r#""\ud83d\n""#,
+        r#""\ud83d\ud83d\ude00""#,
+        r#"["\ud83d", 1]"#,
+        r#""\u00e9\\""#,
+        "0",
+        "-0",
+        "0.0",
+        "12345678901234567890123456789",
+        "1e-400",
+        "-1.5E+400",
+        "0e1000000",
+        "0e-16383",
+        "0e-16384",
+        "0.0e-16383",
+        "0e1073741822",
+        "0e1073741823",
+        "1e1073741823",
+        "1e-1073741823",
+        "1e99999999999999999999",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    for (mantissa, exponents) in [
+        ("1", [131_070, 131_071, 131_072, -16_382, -16_383, -16_384]),
+        (
+            "9.99",
+            [131_069, 131_070, 131_071, -16_381, -16_382, -16_383],
+        ),
+        (
+            "0.0001",
+            [131_073, 131_074, 131_075, -16_378, -16_379, -16_380],
+        ),
+        (
+            "1230",
+            [131_067, 131_068, 131_069, -16_382, -16_383, -16_384],
+        ),
+        (
+            "-0.5",
+            [131_071, 131_072, 131_073, -16_381, -16_382, -16_383],
+        ),
+    ] {
+        for e in exponents {
+            cases.push(format!("{mantissa}e{e}"));
+            cases.push(format!("[{mantissa}E{e:+}]"));
+        }
+    }
+    for case in &cases {
+        assert!(
+            serde_json::from_str::<&serde_json::value::RawValue>(case).is_ok(),
+            "{case}"
+        );
+        let stored = sqlx::query("SELECT $1::text::jsonb")
+            .bind(case)
+            .execute(&mut conn)
+            .await
+            .is_ok();
+        assert_eq!(
+            relay::protocol::check_storable(case).is_ok(),
+            stored,
+            "{case}: Postgres {}",
+            if stored { "stores it" } else { "refuses it" }
+        );
+    }
 }
 
 #[tokio::test]

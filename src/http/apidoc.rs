@@ -1,0 +1,208 @@
+//! The OpenAPI document: the route declarations (`#[utoipa::path]` on each handler), the
+//! security schemes, and the constraints the handlers enforce.
+//!
+//! Constraints are not written as literals in the route attributes: [`constrain`] writes them
+//! into the parameters from the same constants and settings the validators use
+//! ([`crate::protocol`], `history.*`, `ws.max_subscriptions`), so the document states exactly
+//! what the server accepts, and the served document follows the configuration. CI fuzzes the
+//! server against it in both directions (`.ci/schemathesis.sh`): every request the document
+//! allows must be accepted, every other one refused with a 4xx.
+
+use std::borrow::Cow;
+
+use utoipa::openapi::{
+    OpenApi, RefOr, Schema,
+    path::{Operation, ParameterIn},
+    schema::{
+        AnyOfBuilder, ArrayBuilder, KnownFormat, ObjectBuilder, Ref, SchemaFormat, SchemaType, Type,
+    },
+    security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+
+use crate::{
+    config::Settings,
+    protocol::{CHANNEL_CHAR_CLASS, MAX_CHANNEL_LEN, MAX_OFFSET},
+};
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "relay",
+        description = "Realtime fan-out over WebSocket and SSE with durable, gapless per-channel history. \
+                       The WebSocket and SSE protocols are specified in docs/protocol.md. \
+                       Every error is `{\"error\":{\"code\":\"…\",\"message\":\"…\",\"request_id\":\"…\"}}`."
+    ),
+    tags(
+        (name = "messages", description = "Publish and history"),
+        (name = "realtime", description = "WebSocket and Server-Sent Events"),
+        (name = "health", description = "Probes"),
+    ),
+    modifiers(&SecuritySchemes)
+)]
+pub(super) struct ApiDoc;
+
+/// How a token is presented; which operations need one is in their `security`.
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "`Authorization: Bearer <JWT>` (docs/security.md). Needed with \
+                         `auth.mode = required`, the production setting.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                "token",
+                "The bearer JWT as `?token=`, for clients that cannot set `Authorization` \
+                 (browsers' WebSocket and EventSource); redacted in logs. \
+                 `Authorization` wins when both are sent.",
+            ))),
+        );
+    }
+}
+
+/// The limits the configuration gives the API; the rest are constants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// `history.max_page_size`: the largest `limit`.
+    pub max_page_size: i64,
+    /// `history.default_page_size`: `limit` when absent.
+    pub default_page_size: i64,
+    /// `ws.max_subscriptions`: the most channels one `channels` may list.
+    pub max_subscriptions: usize,
+}
+
+impl From<&Settings> for ApiLimits {
+    fn from(settings: &Settings) -> Self {
+        Self {
+            max_page_size: settings.history.max_page_size,
+            default_page_size: settings.history.default_page_size,
+            max_subscriptions: settings.ws.max_subscriptions,
+        }
+    }
+}
+
+/// Write the enforced constraints into every parameter the handlers validate, by name and
+/// location (`channel`, `channels`, `since`, `limit`, `Last-Event-ID`).
+pub(super) fn constrain(doc: &mut OpenApi, limits: &ApiLimits) {
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            constrain_operation(operation, limits);
+        }
+    }
+}
+
+fn constrain_operation(operation: &mut Operation, limits: &ApiLimits) {
+    for parameter in operation.parameters.iter_mut().flatten() {
+        let RefOr::T(parameter) = parameter else {
+            continue;
+        };
+        let schema = match (&parameter.parameter_in, parameter.name.as_str()) {
+            (ParameterIn::Path, "channel") => channel_schema(),
+            (ParameterIn::Query, "channels") => channel_list_schema(limits.max_subscriptions),
+            (ParameterIn::Query, "since") => offset_schema(Some(0)),
+            (ParameterIn::Header, "Last-Event-ID") => offset_schema(None),
+            (ParameterIn::Query, "limit") => int64(1, limits.max_page_size)
+                .default(Some(limits.default_page_size.into()))
+                .into(),
+            _ => continue,
+        };
+        parameter.schema = Some(RefOr::T(schema));
+    }
+}
+
+fn int64(minimum: i64, maximum: i64) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(minimum))
+        .maximum(Some(maximum))
+}
+
+/// A message offset as a client sends it (`since`, `Last-Event-ID`): `protocol::parse_offset`.
+fn offset_schema(default: Option<i64>) -> Schema {
+    int64(0, MAX_OFFSET).default(default.map(Into::into)).into()
+}
+
+/// `protocol::validate_channel`: 1 to `MAX_CHANNEL_LEN` of [`CHANNEL_CHAR_CLASS`] (ASCII, so
+/// the schema's length in characters is the validator's length in bytes).
+fn channel_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_CHANNEL_LEN))
+        .pattern(Some(format!("^{CHANNEL_CHAR_CLASS}+$")))
+        .into()
+}
+
+/// `protocol::parse_subscription_query`: 1 to `max` valid names separated by commas.
+fn channel_list_schema(max: usize) -> Schema {
+    let max = max.max(1);
+    let name = format!("{CHANNEL_CHAR_CLASS}{{1,{MAX_CHANNEL_LEN}}}");
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(max * (MAX_CHANNEL_LEN + 1) - 1))
+        .pattern(Some(format!("^{name}(,{name}){{0,{}}}$", max - 1)))
+        .into()
+}
+
+/// A string without U+0000, the one character `check_storable` refuses that a pattern can say.
+const NO_NUL: &str = "^[^\\x00]*$";
+
+/// The `data` of a message: any JSON value that can be stored (`protocol::check_storable`).
+pub struct MessageData;
+
+impl utoipa::PartialSchema for MessageData {
+    fn schema() -> RefOr<Schema> {
+        let this = || Ref::from_schema_name(<Self as utoipa::ToSchema>::name());
+        let no_nul = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(NO_NUL))
+        };
+        AnyOfBuilder::new()
+            .description(Some(
+                "Any JSON value that Postgres `jsonb` can store: no U+0000 in a string or key, \
+                 no unpaired UTF-16 surrogate escape, and numbers with at most 131072 digits \
+                 before the decimal point and 16383 after it. Anything else is refused with 400.",
+            ))
+            .item(ObjectBuilder::new().schema_type(SchemaType::Array(vec![
+                Type::Null,
+                Type::Boolean,
+                Type::Number,
+            ])))
+            .item(no_nul())
+            .item(ArrayBuilder::new().items(this()))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .property_names(Some(no_nul()))
+                    .additional_properties(Some(RefOr::Ref(this()))),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for MessageData {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("MessageData")
+    }
+}
