@@ -9,7 +9,7 @@
 //! can feed without depending on the HTTP layer or the application state.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -22,7 +22,7 @@ use std::{
 use axum::{
     body::{Body, Bytes},
     extract::{ConnectInfo, MatchedPath, Request, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{StatusCode, header},
     middleware::Next,
     response::Response,
 };
@@ -30,38 +30,10 @@ use http_body::{Frame, SizeHint};
 
 use crate::{
     access_log::{AccessContext, AccessLog, EntryKind, SessionStats, redact_path},
-    http::middleware::RequestId,
+    http::middleware::{RequestId, client_ip},
     state::AppState,
     telemetry::otel,
 };
-
-/// The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
-/// address in `X-Forwarded-For` that is not itself a trusted proxy.
-pub(super) fn client_ip(
-    peer: Option<IpAddr>,
-    headers: &HeaderMap,
-    trusted: &[ipnet::IpNet],
-) -> Option<IpAddr> {
-    let peer = peer?;
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
-    if !is_trusted(&peer) {
-        return Some(peer);
-    }
-    let forwarded: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    forwarded
-        .iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .or(forwarded.first())
-        .copied()
-        .or(Some(peer))
-}
 
 pub async fn record_http(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -233,31 +205,5 @@ impl http_body::Body for Counting {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", "203.0.113.7, 10.1.2.3".parse().unwrap());
-        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
-        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
-        assert_eq!(
-            client_ip(Some(proxy), &headers, &trusted),
-            Some("203.0.113.7".parse().unwrap())
-        );
-        assert_eq!(
-            client_ip(Some(stranger), &headers, &trusted),
-            Some(stranger)
-        );
-        assert_eq!(
-            client_ip(Some(proxy), &HeaderMap::new(), &trusted),
-            Some(proxy)
-        );
     }
 }

@@ -26,7 +26,7 @@ use axum::{
 };
 
 use crate::{
-    http::{access::client_ip, error::ApiError},
+    http::{error::ApiError, middleware::client_ip},
     state::AppState,
 };
 

@@ -29,10 +29,10 @@ use {
 use crate::{
     access_log::AccessContext,
     http::{
-        access::client_ip,
         auth,
         error::{ApiError, ErrorBody},
         limits::{ConnectionLimits, ConnectionPermit},
+        middleware::client_ip,
     },
     protocol::{QuerySubscription, parse_subscription_query},
     session::{Access, Session},
