@@ -42,7 +42,8 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"auth {sys.argv[2]:>3}: {r['server']['deliveries_per_cpu_second']:>9.0f} deliveries per CPU-second, "
       f"p99 {r['latency_ms']['p99']:.2f} ms, delivered {r['delivered']}, lost {r['lost']}")
-EOF}
+EOF
+}
 
 for i in $(seq 1 "$RUNS"); do
   run off "$i"
