@@ -189,13 +189,27 @@ struct PublishBody<'a> {
 impl<'a> ClientFrame<'a> {
     /// Parse and validate one client frame.
     pub fn parse(text: &'a str) -> Result<Self, FrameError> {
-        let head: Head<'a> =
-            serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+        let not_a_frame = |reason: String| FrameError::InvalidFrame {
+            ty: "unknown",
+            reason,
+        };
+        let head: Head<'a> = match serde_json::from_str(text) {
+            Ok(head) => head,
+            // The first error may be about the shape (`[1]`, `{"type":5}`, `{"type":1e400}`)
+            // while the text is valid JSON, or hide a syntax error further on; only a parse
+            // of the whole text tells "not JSON" from "not a frame". Refused frames only.
+            Err(err) => {
+                return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                    Err(syntax) => FrameError::InvalidJson(syntax.to_string()),
+                    Ok(_) if !is_json_object(text) => {
+                        not_a_frame("a frame must be a JSON object".to_owned())
+                    }
+                    Ok(_) => not_a_frame(err.to_string()),
+                });
+            }
+        };
         if !is_json_object(text) {
-            return Err(FrameError::InvalidFrame {
-                ty: "unknown",
-                reason: "a frame must be a JSON object".to_owned(),
-            });
+            return Err(not_a_frame("a frame must be a JSON object".to_owned()));
         }
         let ty = head.ty.ok_or_else(|| FrameError::InvalidFrame {
             ty: "unknown",
@@ -230,6 +244,10 @@ impl<'a> ClientFrame<'a> {
             "publish" => {
                 let b: PublishBody = body("publish", text)?;
                 validate_channel(&b.channel)?;
+                check_data(b.data).map_err(|e| FrameError::InvalidFrame {
+                    ty: "publish",
+                    reason: e.to_string(),
+                })?;
                 Self::Publish {
                     channel: b.channel,
                     data: b.data,
@@ -246,6 +264,98 @@ impl<'a> ClientFrame<'a> {
         };
         Ok(frame)
     }
+}
+
+/// Why a message's `data` was refused although it is valid JSON.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidData {
+    #[error("`data` contains a \\u0000 escape, which cannot be stored")]
+    Nul,
+    #[error("`data` contains an unpaired UTF-16 surrogate escape")]
+    LoneSurrogate,
+    #[error("`data` contains a number whose exponent is beyond ±{MAX_EXPONENT}")]
+    Exponent,
+    #[error("`data` is nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+/// Deepest nesting of arrays and objects accepted in `data`. serde_json (and so relay) reads
+/// skipped and raw values without a depth limit, but clients parsing the frame may not
+/// (serde_json's own limit is 128), and neither does Postgres at some depth.
+pub const MAX_DEPTH: usize = 100;
+
+/// Largest exponent (`1e308`) accepted in a number of `data`: the range of a double, which is
+/// what JavaScript clients can read anyway.
+pub const MAX_EXPONENT: u32 = 308;
+
+/// Check that published `data` (valid JSON) can be stored and read back as it was sent, by
+/// relay and by its clients. Postgres `jsonb` refuses `\u0000` and unpaired surrogates, and it stores numbers as
+/// `numeric`, which it prints in full: `1e100000` would come back from history as 100,001
+/// digits, so a small message could make every history read huge. The same rule applies in
+/// embedded mode, so both backends accept exactly the same messages.
+pub fn check_data(data: &RawValue) -> Result<(), InvalidData> {
+    let bytes = data.get().as_bytes();
+    let hex = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let mut i = 0;
+    let mut in_string = false;
+    let mut depth = 0usize;
+    while let Some(&b) = bytes.get(i) {
+        i += 1;
+        match b {
+            b'"' => in_string = !in_string,
+            b'[' | b'{' if !in_string => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(InvalidData::TooDeep);
+                }
+            }
+            b']' | b'}' if !in_string => depth = depth.saturating_sub(1),
+            b'\\' if in_string => match bytes.get(i) {
+                Some(b'u') => {
+                    let unit = hex(i + 1);
+                    i += 5;
+                    match unit {
+                        Some(0) => return Err(InvalidData::Nul),
+                        Some(0xD800..=0xDBFF) => {
+                            if bytes.get(i..i + 2) != Some(b"\\u")
+                                || !matches!(hex(i + 2), Some(0xDC00..=0xDFFF))
+                            {
+                                return Err(InvalidData::LoneSurrogate);
+                            }
+                            i += 6;
+                        }
+                        Some(0xDC00..=0xDFFF) => return Err(InvalidData::LoneSurrogate),
+                        _ => {}
+                    }
+                }
+                _ => i += 1,
+            },
+            // Outside strings an `e` is an exponent, or part of `true` / `false` (never
+            // followed by a digit or sign).
+            b'e' | b'E' if !in_string => {
+                if bytes.get(i).is_some_and(|c| matches!(c, b'+' | b'-')) {
+                    i += 1;
+                }
+                let mut exponent: u32 = 0;
+                while let Some(d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
+                    exponent = exponent
+                        .saturating_mul(10)
+                        .saturating_add(u32::from(d - b'0'));
+                    i += 1;
+                }
+                if exponent > MAX_EXPONENT {
+                    return Err(InvalidData::Exponent);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// serde also accepts a struct written as an array (`[a, b]`); frames and envelopes are JSON
@@ -534,6 +644,9 @@ impl<'a> Envelope<'a> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -598,8 +711,17 @@ mod tests {
                 .code(),
             "invalid_channel"
         );
+        // Valid JSON that is not a frame object is `invalid_frame` (docs/protocol.md).
+        for not_a_frame in ["[1]", "[]", "1", "null", r#""x""#, r#"{"type":5}"#] {
+            assert_eq!(
+                ClientFrame::parse(not_a_frame).unwrap_err().code(),
+                "invalid_frame",
+                "{not_a_frame}"
+            );
+        }
+        // ... unless it is not JSON further on.
         assert_eq!(
-            ClientFrame::parse(r#"[1]"#).unwrap_err().code(),
+            ClientFrame::parse(r#"{"type":5,"#).unwrap_err().code(),
             "invalid_json"
         );
     }

@@ -620,12 +620,19 @@ impl Session {
                     ));
                     return Ok(());
                 }
-                if let Err(err) = publish::publish(&self.state, &channel, data).await {
-                    tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
-                    self.reply(ServerFrame::error(
-                        "unavailable",
-                        "publish failed: message store unavailable",
-                    ));
+                match publish::publish(&self.state, &channel, data).await {
+                    Ok(_) => {}
+                    Err(err) if err.is_data_rejected() => self.reply(ServerFrame::error(
+                        "invalid_frame",
+                        "invalid `publish` frame: `data` cannot be stored",
+                    )),
+                    Err(err) => {
+                        tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
+                        self.reply(ServerFrame::error(
+                            "unavailable",
+                            "publish failed: message store unavailable",
+                        ));
+                    }
                 }
             }
             ClientFrame::Ping => self.reply(ServerFrame::pong()),

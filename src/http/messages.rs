@@ -23,7 +23,7 @@ use crate::{
         auth::Caller,
         error::{ApiError, AppJson, AppQuery, ErrorBody},
     },
-    protocol::{MAX_OFFSET, validate_channel},
+    protocol::{MAX_OFFSET, check_data, validate_channel},
     publish::{self, Published},
     state::AppState,
     store::StoreError,
@@ -31,6 +31,9 @@ use crate::{
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        if err.is_data_rejected() {
+            return Self::Validation("`data` cannot be stored".to_owned());
+        }
         match err {
             StoreError::Query(
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
@@ -78,6 +81,7 @@ pub async fn publish_message(
 ) -> Result<(StatusCode, AppJson<Published>), ApiError> {
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
+    check_data(&body.data).map_err(|e| ApiError::Validation(e.to_string()))?;
     let published = publish::publish(&state, channel, &body.data).await?;
     Ok((StatusCode::CREATED, AppJson(published)))
 }
