@@ -38,6 +38,10 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
+    /// The client broke the WebSocket framing rules (RFC 6455 §7.4.1).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const IDLE_TIMEOUT: u16 = 4000;
     /// The handshake frame was missing, late, not an `auth` frame, or its token was refused.
@@ -215,13 +219,13 @@ impl Session {
         let now = tokio::time::Instant::now();
         let deadline = match &self.access {
             Access::Open => None,
-            Access::AwaitingToken => Some(now + auth.handshake_timeout),
+            Access::AwaitingToken => Some(deadline(now, auth.handshake_timeout)),
             Access::Granted(p) => {
                 let left = p.expires_in();
                 Some(if self.warned {
-                    now + left
+                    deadline(now, left)
                 } else {
-                    now + left.saturating_sub(auth.expiry_warning)
+                    deadline(now, left.saturating_sub(auth.expiry_warning))
                 })
             }
         };
@@ -465,6 +469,13 @@ impl Session {
                             return End::Close(close_code::POLICY, "too many invalid frames");
                         }
                     }
+                    // Not the `auth` frame the handshake waits for.
+                    Inbound::Unsupported if matches!(self.access, Access::AwaitingToken) => {
+                        return End::Close(
+                            close_code::AUTH_FAILED,
+                            "the first frame must be {\"type\":\"auth\",\"token\":…}",
+                        );
+                    }
                     Inbound::Unsupported => {
                         self.bad_frame(ServerFrame::error(
                             "unsupported_binary",
@@ -647,6 +658,13 @@ impl Drop for Session {
             .pubsub
             .leave(self.subs.channels(), Arc::clone(&self.outbox));
     }
+}
+
+/// `now + after`, saturating: a token's `exp` is the issuer's number and may be as far away as
+/// `u64::MAX` seconds, where `Instant + Duration` would panic.
+fn deadline(now: tokio::time::Instant, after: Duration) -> tokio::time::Instant {
+    now.checked_add(after)
+        .unwrap_or_else(|| now + crate::config::MAX_DURATION)
 }
 
 async fn poll_read(read: &mut Option<Read>) -> ReadDone {
