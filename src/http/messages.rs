@@ -48,11 +48,43 @@ fn channel_name(channel: &str) -> Result<&str, ApiError> {
 }
 
 /// Body of a publish request.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, utoipa::ToSchema)]
 pub struct PublishRequest {
     /// Any JSON value.
     #[schema(value_type = serde_json::Value)]
     pub data: Box<RawValue>,
+}
+
+/// By hand, because serde's derive also reads a struct from an array: `[1]` would publish `1`.
+/// The body must be the object `{"data": …}` (other fields are ignored).
+impl<'de> Deserialize<'de> for PublishRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Body;
+        impl<'de> serde::de::Visitor<'de> for Body {
+            type Value = PublishRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an object {"data": …}"#)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PublishRequest, A::Error> {
+                let mut data = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key != "data" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else if data.replace(map.next_value()?).is_some() {
+                        return Err(serde::de::Error::duplicate_field("data"));
+                    }
+                }
+                let data = data.ok_or_else(|| serde::de::Error::missing_field("data"))?;
+                Ok(PublishRequest { data })
+            }
+        }
+        d.deserialize_map(Body)
+    }
 }
 
 /// Publish a message: stored with the channel's next offset, then delivered to every subscriber
