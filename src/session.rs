@@ -401,6 +401,16 @@ impl Session {
         let end = self.event_loop(transport).await;
         let close_code = match end {
             End::Close(code, reason) => {
+                if closes_for_client_error(code) {
+                    // The answers to the frames that led here (their error frames) are queued;
+                    // send them before the close, so it never looks unexplained.
+                    self.drain_now();
+                    for frame in &self.out {
+                        self.traffic.frames_out += 1;
+                        self.traffic.bytes_out += frame.text.len() as u64;
+                    }
+                    let _ = Box::pin(transport.send(&mut self.out)).await;
+                }
                 // Boxed: the goodbye's timer is not part of every idle connection's task.
                 Box::pin(transport.close(code, reason)).await;
                 Some(code)
@@ -658,6 +668,16 @@ impl Drop for Session {
             .pubsub
             .leave(self.subs.channels(), Arc::clone(&self.outbox));
     }
+}
+
+/// Closes caused by what the client sent, after which its pending answers are still worth
+/// sending. Not a slow consumer (it would not read them) nor shutdown (bounded by the drain).
+fn closes_for_client_error(code: u16) -> bool {
+    use close_code::*;
+    matches!(
+        code,
+        POLICY | TOO_BIG | PROTOCOL_ERROR | INVALID_PAYLOAD | AUTH_FAILED
+    )
 }
 
 /// `now + after`, saturating: a token's `exp` is the issuer's number and may be as far away as
