@@ -66,9 +66,15 @@ impl Transport for WsTransport {
             Some(Err(err)) => Inbound::End(read_error(err)),
             Some(Ok(Message::Text(text))) => Inbound::Text(text),
             Some(Ok(Message::Binary(_))) => Inbound::Unsupported,
-            // tungstenite answers pings itself and queues the close reply; the next read
-            // completes the handshake.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => Inbound::Alive,
+            // tungstenite answers pings itself (the pong goes out with the next read or write).
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Inbound::Alive,
+            // The client closed: tungstenite queued the close reply. Send it now, since nothing
+            // else may be written after a close (a frame of the outbox would fail and drop the
+            // connection without the reply), and end the session.
+            Some(Ok(Message::Close(_))) => {
+                let _ = bounded(self.write_timeout, self.socket.flush()).await;
+                Inbound::End(End::Gone)
+            }
         }
     }
 
