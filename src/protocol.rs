@@ -727,6 +727,43 @@ mod tests {
     }
 
     #[test]
+    fn data_that_cannot_be_stored_as_sent_is_refused() {
+        let check = |text: &str| check_data(&RawValue::from_string(text.to_owned()).unwrap());
+        for ok in [
+            r#""\\u0000""#,
+            r#""\ud83d\ude00""#,
+            r#""é\u00e9""#,
+            "1e308",
+            "-1.5E-308",
+            "[true,false,null]",
+            r#"{"e":"e999","x":1e+2}"#,
+            &format!("{}1{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH)),
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            (r#""\u0000""#, InvalidData::Nul),
+            (r#"{"k":["a\u0000"]}"#, InvalidData::Nul),
+            (r#""\ud800""#, InvalidData::LoneSurrogate),
+            (r#""\ud800\u0041""#, InvalidData::LoneSurrogate),
+            (r#""\ude00\ud83d""#, InvalidData::LoneSurrogate),
+            ("1e309", InvalidData::Exponent),
+            ("[0.5E-100000]", InvalidData::Exponent),
+            ("1e99999999999999999999", InvalidData::Exponent),
+            (
+                &format!(
+                    "{}1{}",
+                    "[".repeat(MAX_DEPTH + 1),
+                    "]".repeat(MAX_DEPTH + 1)
+                ),
+                InvalidData::TooDeep,
+            ),
+        ] {
+            assert_eq!(check(bad), Err(why), "{bad}");
+        }
+    }
+
+    #[test]
     fn outside_envelopes_never_carry_offsets() {
         for payload in [
             r#"{"data":1,"id":4}"#,
