@@ -54,10 +54,11 @@ fn fuzz_settings(s: &mut Settings) {
     required(s);
     // With a kid on the secret, a token naming another kid is refused.
     s.auth.hs256_kid = KID.to_owned();
-    s.auth.handshake_timeout = Duration::from_secs(1);
-    // Short enough that a stalled frame is closed (4000) within the run.
+    // Short, so the timeouts are seen within the run; long enough that a busy machine does
+    // not fire them on connections that are working.
+    s.auth.handshake_timeout = Duration::from_secs(2);
     s.ws.ping_interval = Duration::from_secs(2);
-    s.ws.idle_timeout = Duration::from_secs(5);
+    s.ws.idle_timeout = Duration::from_secs(8);
     s.http.max_body_bytes = 64 * 1024;
     // Low, so connections reach it.
     s.ws.max_subscriptions = 8;
@@ -417,6 +418,8 @@ enum Want {
     Nothing,
     Pong(Vec<u8>),
     Close(u16),
+    /// A close, or a TCP reset: the server closed with bytes of ours unread (see its use).
+    CloseOrReset(u16),
     /// The streak's last bad frame: its error frame, then the close.
     ErrorThenClose(&'static str, u16),
 }
@@ -428,7 +431,11 @@ struct Stats {
     frames: u64,
     errors: BTreeMap<String, u64>,
     closes: BTreeMap<u16, u64>,
-    /// Refused upgrades and HTTP API answers, by status.
+    /// Oversized frames answered by a reset that overtook the 1009 close.
+    resets: u64,
+    /// Upgrades refused before the WebSocket started, by status.
+    upgrades: BTreeMap<u16, u64>,
+    /// HTTP API answers, by status.
     http: BTreeMap<u16, u64>,
     connections: u64,
     failures: Vec<String>,
@@ -448,7 +455,11 @@ impl Stats {
         for (k, v) in other.http {
             *self.http.entry(k).or_default() += v;
         }
+        for (k, v) in other.upgrades {
+            *self.upgrades.entry(k).or_default() += v;
+        }
         self.frames += other.frames;
+        self.resets += other.resets;
         self.connections += other.connections;
         self.failures.extend(other.failures);
     }
@@ -811,7 +822,7 @@ impl Worker<'_> {
                     *self.stats.closes.entry(code).or_default() += 1;
                     self.conn = None;
                     match want {
-                        Want::Close(c) if c == code => return,
+                        Want::Close(c) | Want::CloseOrReset(c) if c == code => return,
                         other => {
                             return self
                                 .fail(category, format!("expected {other:?}, got close {code}"));
@@ -829,6 +840,11 @@ impl Worker<'_> {
                     }
                 }
                 Event::Gone(why) => {
+                    if matches!(want, Want::CloseOrReset(_)) && why.contains("reset") {
+                        self.stats.resets += 1;
+                        self.conn = None;
+                        return;
+                    }
                     let detail = format!("expected {want:?}, the connection ended: {why}");
                     return self.fail(category, detail);
                 }
@@ -852,7 +868,7 @@ impl Worker<'_> {
                 Want::Type(t) => ty == *t,
                 Want::Subscribed(c) => ty == "subscribed" && got["channel"] == c.as_str(),
                 Want::Unsubscribed(c) => ty == "unsubscribed" && got["channel"] == c.as_str(),
-                Want::Nothing | Want::Pong(_) | Want::Close(_) => false,
+                Want::Nothing | Want::Pong(_) | Want::Close(_) | Want::CloseOrReset(_) => false,
             };
             match want {
                 _ if ty == "message" || ty == "gap" => pending = Some(want),
@@ -1025,6 +1041,7 @@ impl Worker<'_> {
             11 | 12 => {
                 let max = self.max_message;
                 let r = &mut self.rng;
+                let mut want = Want::Close(1009);
                 let frames = match r.u8(..4) {
                     // Only the header, claiming more than the limit: refused before any payload.
                     0 => {
@@ -1032,8 +1049,13 @@ impl Worker<'_> {
                         vec![encode(r, true, 0, op::TEXT, &[], claimed, true)]
                     }
                     1 => vec![encode(r, true, 0, op::TEXT, &[], max as u64 + 1, true)],
-                    // The real thing: 100k `[`.
-                    2 => vec![frame(r, true, 0, op::TEXT, "[".repeat(100_000).as_bytes())],
+                    // The real thing: 100k `[`. Refused at its header, so the server closes
+                    // with the payload unread, and the kernel may answer with a reset that
+                    // overtakes the close frame.
+                    2 => {
+                        want = Want::CloseOrReset(1009);
+                        vec![frame(r, true, 0, op::TEXT, "[".repeat(100_000).as_bytes())]
+                    }
                     // Fragments, each small, together too big (by the last byte).
                     _ => {
                         let part = vec![b' '; max / 4 + 1];
@@ -1044,7 +1066,7 @@ impl Worker<'_> {
                         frames
                     }
                 };
-                ("oversized", frames, Some(Want::Close(1009)))
+                ("oversized", frames, Some(want))
             }
             13 => {
                 // New channels until `too_many_subscriptions`.
@@ -1170,24 +1192,49 @@ impl Worker<'_> {
         self.conn = main;
     }
 
-    /// A token in the upgrade request: refused ones get 401 before the upgrade.
+    /// The upgrade request itself: a refused token gets 401, a bad query 400, both before the
+    /// upgrade.
     async fn upgrade_case(&mut self) {
-        let (category, token, accepted) = if self.rng.u8(..4) == 0 {
-            ("upgrade_absurd_exp", self.tokens.absurd_exp.clone(), true)
-        } else {
-            let (_, t) = self.tokens.bad[self.rng.usize(..self.tokens.bad.len())].clone();
-            ("upgrade_refused_token", t, false)
+        let good = self.tokens.good.clone();
+        let (category, token, query, refused) = match self.rng.u8(..8) {
+            0 | 1 => (
+                "upgrade_absurd_exp",
+                self.tokens.absurd_exp.clone(),
+                String::new(),
+                None,
+            ),
+            2 | 3 => {
+                let too_many: Vec<String> = (0..=self.max_subscriptions)
+                    .map(|i| format!("fuzz:q{i}"))
+                    .collect();
+                let query = [
+                    "?channels=fuzz:a%20b".to_owned(),
+                    "?channels=fuzz:a&since.fuzz:a=-1".to_owned(),
+                    "?channels=fuzz:a&since.fuzz:a=9007199254740992".to_owned(),
+                    "?channels=fuzz:a&since.fuzz:b=1".to_owned(),
+                    "?channels=fuzz:a&since.fuzz:a=1e3".to_owned(),
+                    format!("?channels={}", "x".repeat(129)),
+                    format!("?channels={}", too_many.join(",")),
+                ][self.rng.usize(..7)]
+                .clone();
+                ("upgrade_bad_query", good, query, Some(400))
+            }
+            _ => {
+                let (_, t) = self.tokens.bad[self.rng.usize(..self.tokens.bad.len())].clone();
+                // An empty bearer is no token: then the handshake frame is awaited instead.
+                let t = if t.is_empty() { "x".to_owned() } else { t };
+                ("upgrade_refused_token", t, String::new(), Some(401))
+            }
         };
         self.count(category);
-        // An empty bearer is no token: then the handshake frame is awaited instead.
-        let token = if token.is_empty() {
-            "x".to_owned()
-        } else {
-            token
-        };
-        match (RawWs::connect(self.app, "", Some(&token)).await, accepted) {
-            (Err(401), false) => *self.stats.http.entry(401).or_default() += 1,
-            (Ok(ws), true) => {
+        match (
+            RawWs::connect(self.app, &query, Some(&token)).await,
+            refused,
+        ) {
+            (Err(status), Some(want)) if status == want => {
+                *self.stats.upgrades.entry(status).or_default() += 1;
+            }
+            (Ok(ws), None) => {
                 self.stats.connections += 1;
                 let main = self.conn.replace(Conn {
                     ws,
@@ -1199,8 +1246,8 @@ impl Worker<'_> {
                 self.expect(category, Want::Type("pong")).await;
                 self.conn = main;
             }
-            (Err(status), _) => self.fail(category, format!("upgrade answered {status}")),
-            (Ok(_), false) => self.fail(category, "upgrade accepted".into()),
+            (Err(status), _) => self.fail(category, format!("{query}: upgrade answered {status}")),
+            (Ok(_), Some(_)) => self.fail(category, format!("{query}: upgrade accepted")),
         }
     }
 
@@ -1269,7 +1316,7 @@ async fn slow_cases(app: &TestApp) -> Stats {
     }
     let silent = async {
         let mut ws = RawWs::connect(app, "", None).await.unwrap();
-        unpinged(&mut ws, Duration::from_secs(4)).await
+        unpinged(&mut ws, Duration::from_secs(6)).await
     };
     let mut stalled_ws = RawWs::connect(app, "", Some(&good_token(3600)))
         .await
@@ -1277,7 +1324,7 @@ async fn slow_cases(app: &TestApp) -> Stats {
     // A frame header promising 100 bytes, then 10 of them, then nothing.
     let partial = encode(&mut rng, true, 0, op::TEXT, &[b' '; 10], 100, true);
     stalled_ws.send(&partial[..partial.len()]).await;
-    let stalled = unpinged(&mut stalled_ws, Duration::from_secs(12));
+    let stalled = unpinged(&mut stalled_ws, Duration::from_secs(15));
     let ((warned, expired), silent, stalled) = tokio::join!(expiring, silent, stalled);
     stats.connections += 3;
     stats.frames += 2;
@@ -1465,6 +1512,20 @@ async fn redis_fuzz(app: &TestApp, seed: u64, cases: usize) -> (Stats, u64, Vec<
         }
     }
     (stats, invalid, forged)
+}
+
+/// The safety net behind the `data` check: what Postgres refuses as data is the client's
+/// fault (400 / `invalid_frame`), not an outage.
+#[tokio::test]
+async fn postgres_refusing_data_is_a_client_error() {
+    let app = spawn_app_on(Backend::Services, |_| {}).await;
+    for data in [r#""\u0000""#, r#""\ud800""#, "1e200000"] {
+        let raw = serde_json::value::RawValue::from_string(data.to_owned()).unwrap();
+        let err = app.store.append("x", &raw).await.expect_err(data);
+        assert!(err.is_data_rejected(), "{data}: {err}");
+    }
+    let raw = serde_json::value::RawValue::from_string("1".to_owned()).unwrap();
+    assert!(app.store.append("x", &raw).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1687,7 +1748,11 @@ async fn websocket_fuzz(backend: Backend) {
         stats.errors,
         stats.errors.values().sum::<u64>()
     );
-    println!("  closes by code: {:?}", stats.closes);
+    println!(
+        "  closes by code: {:?}; resets after an oversized frame: {}",
+        stats.closes, stats.resets
+    );
+    println!("  upgrades refused by status: {:?}", stats.upgrades);
     println!("  HTTP answers by status: {:?}", stats.http);
     println!(
         "  healthy subscriber: {} of {} published messages, in order; {} forged Redis envelopes; longest silence {:?} (slowest publish {:?})",
