@@ -18,6 +18,32 @@ use serde::{Deserialize, Serialize};
 // The prefix is validated with the channel-name rule, which belongs to the wire protocol.
 use crate::protocol::is_channel_char;
 
+/// Longest duration any key accepts. Deadlines are computed as `Instant::now() + d`, which
+/// panics on overflow; a century keeps every such sum far inside the clock's range.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Every duration key: humantime text (`"5s"`, `"1h 30m"`), at most [`MAX_DURATION`].
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let value: Duration = humantime_serde::deserialize(d)?;
+        if value > super::MAX_DURATION {
+            return Err(D::Error::custom(format!(
+                "`{}` is longer than the maximum of 100 years",
+                humantime::format_duration(value)
+            )));
+        }
+        Ok(value)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+}
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -104,10 +130,10 @@ pub struct DatabaseSettings {
     pub url: SecretUrl,
     pub max_connections: u32,
     /// How long startup keeps retrying before giving up on Postgres.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
     /// How long a query waits for a free pooled connection.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub acquire_timeout: Duration,
     pub migrate_on_start: bool,
 }
@@ -118,15 +144,15 @@ pub struct RedisSettings {
     pub url: SecretUrl,
     /// Prefix of every Redis channel relay uses; lets several deployments share one Redis.
     pub channel_prefix: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
     /// Upper bound for any single Redis command (PUBLISH, SUBSCRIBE, PING).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub command_timeout: Duration,
     /// First and largest delay between reconnect attempts of the pub/sub listener.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reconnect_min_delay: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub reconnect_max_delay: Duration,
     /// PEM file of the CA certificate(s) that sign the Redis server's certificate, for a private
     /// CA. Replaces the built-in (Mozilla) roots for Redis; only with a `rediss://` URL. Unset
@@ -183,13 +209,13 @@ mod optional_path {
 pub struct ShutdownSettings {
     /// Time between `/readyz` turning 503 and the listener closing, so load balancers stop
     /// routing new traffic here first.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub readiness_grace: Duration,
     /// Upper bound for in-flight requests and sessions to finish after the listener closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub drain_timeout: Duration,
     /// After the drain: time for the access log and trace exporter to write out what they hold.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub flush_timeout: Duration,
 }
 
@@ -212,10 +238,10 @@ pub struct LogSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// Time allowed to produce response headers (streams and WebSockets are not cut by it).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub request_timeout: Duration,
     /// Time a client has to send a complete request head; slower connections are closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub header_timeout: Duration,
     pub max_body_bytes: usize,
     /// Origins allowed by CORS; empty disables CORS, `["*"]` allows any origin.
@@ -226,11 +252,11 @@ pub struct HttpSettings {
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
     /// Budget for each dependency check of `/readyz`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub check_timeout: Duration,
     /// One round of dependency checks answers every `/readyz` for this long (0: every request
     /// checks), so the public endpoint cannot be used to amplify load on Postgres and Redis.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub cache_ttl: Duration,
 }
 
@@ -248,13 +274,13 @@ pub struct WsSettings {
     pub max_connections: usize,
     /// Realtime connections per client address (0: no limit); more get `429`.
     pub max_connections_per_ip: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub ping_interval: Duration,
     /// A connection that sends nothing (not even a pong) for this long is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
     /// A write the client does not accept within this time closes the connection.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub write_timeout: Duration,
     /// Origins (besides the request's own host) allowed to open a WebSocket or SSE stream;
     /// `["*"]` allows any. Requests without an `Origin` header (non-browsers) are not refused.
@@ -263,7 +289,7 @@ pub struct WsSettings {
     pub read_buffer_bytes: usize,
     /// Write coalescing: after the first frame arrives, wait this long for more before writing,
     /// so several frames share one syscall. Zero (the default) writes at once.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub coalesce_delay: Duration,
 }
 
@@ -284,7 +310,7 @@ pub struct LimitSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SseSettings {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub keepalive_interval: Duration,
 }
 
@@ -292,12 +318,12 @@ pub struct SseSettings {
 #[serde(deny_unknown_fields)]
 pub struct HistorySettings {
     /// Messages older than this are pruned.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub ttl: Duration,
     /// Only the newest this many messages of each channel are kept.
     pub max_per_channel: i64,
     /// How often the retention task runs.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub prune_interval: Duration,
     /// Rows deleted per statement, so pruning never holds long locks.
     pub prune_batch: i64,
@@ -306,11 +332,11 @@ pub struct HistorySettings {
     /// Largest `limit` the history API accepts.
     pub max_page_size: i64,
     /// How long a replica waits for a missing offset before subscribers read it from history.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub gap_wait: Duration,
     /// How often each replica compares every active channel's committed head with what it
     /// delivered, so a lost tail on a quiet channel is found.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub head_check_interval: Duration,
 }
 
@@ -365,7 +391,7 @@ pub struct AccessLogSettings {
     /// Entries written per batch.
     pub batch_size: usize,
     /// A partial batch is written after this long.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub flush_interval: Duration,
     /// File sink: path of the current file (rotated ones get `.1`, `.2`, …).
     pub file_path: PathBuf,
@@ -413,7 +439,7 @@ pub struct DemoSettings {
     /// a token, so it is off unless a config opts in.
     pub token_enabled: bool,
     /// Lifetime of a demo token.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub token_ttl: Duration,
 }
 
@@ -444,13 +470,13 @@ pub struct AuthSettings {
     /// Required `iss` claim; empty = `iss` is not checked.
     pub issuer: String,
     /// Clock skew tolerated on `exp` and `nbf`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub leeway: Duration,
     /// A WebSocket opened without a token must send its `auth` frame within this time.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     /// `token_expiring` is sent this long before the token's `exp`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     pub expiry_warning: Duration,
 }
 
@@ -644,10 +670,12 @@ impl Settings {
                 "must be at most 100ms",
             ));
         }
-        if self.ws.read_buffer_bytes < 256 {
+        // Allocated up front for every connection: a huge value aborts the process on the
+        // first WebSocket instead of failing here.
+        if !(256..=1 << 20).contains(&self.ws.read_buffer_bytes) {
             return Err(ConfigError::invalid(
                 "ws.read_buffer_bytes",
-                "must be at least 256",
+                "must be between 256 and 1048576",
             ));
         }
         positive("sse.keepalive_interval", self.sse.keepalive_interval)?;
@@ -682,11 +710,32 @@ impl Settings {
                 "queue_capacity and batch_size must be at least 1",
             ));
         }
+        // The queue is a bounded channel (which refuses absurd sizes by panicking) and a batch
+        // is allocated up front.
+        if a.queue_capacity > 10_000_000 {
+            return Err(ConfigError::invalid(
+                "access_log.queue_capacity",
+                "must be at most 10000000",
+            ));
+        }
+        if a.batch_size > a.queue_capacity {
+            return Err(ConfigError::invalid(
+                "access_log.batch_size",
+                "must not exceed access_log.queue_capacity",
+            ));
+        }
         positive("access_log.flush_interval", a.flush_interval)?;
         if a.file_max_bytes < 1024 {
             return Err(ConfigError::invalid(
                 "access_log.file_max_bytes",
                 "must be at least 1024",
+            ));
+        }
+        // Every rotation renames each kept file once.
+        if a.file_max_files > 1000 {
+            return Err(ConfigError::invalid(
+                "access_log.file_max_files",
+                "must be at most 1000",
             ));
         }
         for proxy in &a.trusted_proxies {
@@ -865,7 +914,196 @@ impl Serialize for Secret {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// The shipped configuration for `app_env` plus these `APP__…` variables, through the one
+    /// loader the binary uses.
+    fn load(app_env: &str, env: &[(String, String)]) -> Result<Settings, ConfigError> {
+        Settings::load(&LoadOptions {
+            dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+            app_env: app_env.to_owned(),
+            env: env.iter().cloned().collect(),
+        })
+    }
+
+    /// Every `section.key` of the configuration, read off the loaded defaults.
+    fn keys() -> Vec<(String, String)> {
+        let defaults = serde_json::to_value(load("local", &[]).unwrap()).unwrap();
+        let mut keys = Vec::new();
+        for (section, table) in defaults.as_object().unwrap() {
+            for key in table.as_object().unwrap().keys() {
+                keys.push((section.clone(), key.clone()));
+            }
+        }
+        keys
+    }
+
+    /// Values a hand-written or templated environment might hold: plausible ones of every
+    /// type, boundary numbers and durations, and arbitrary text.
+    fn value() -> impl Strategy<Value = String> {
+        let unit =
+            prop::sample::select(vec!["", "ns", "ms", "s", "m", "h", "d", "w", "y", "years"]);
+        prop_oneof![
+            any::<String>(),
+            "[ -~]{0,24}",
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|n| n.to_string()),
+            (any::<u64>(), unit.clone()).prop_map(|(n, u)| format!("{n}{u}")),
+            (0u64..100_000, unit).prop_map(|(n, u)| format!("{n}{u}")),
+            prop::sample::select(vec![
+                "",
+                " ",
+                "0",
+                "-1",
+                "1",
+                "64",
+                "255",
+                "256",
+                "65536",
+                "1048577",
+                "4294967296",
+                "99999999999999999999",
+                "1e400",
+                "NaN",
+                "inf",
+                "-0",
+                "0.5",
+                "true",
+                "false",
+                "yes",
+                "0s",
+                "1ms",
+                "5s",
+                "101years",
+                "18446744073709551615s",
+                "1h 30m",
+                "a,b",
+                ",",
+                " , ",
+                "stdout, file",
+                "postgres",
+                "*",
+                "https://app.example",
+                "postgres://u:p@db/relay",
+                "redis://r:6379",
+                "mysql://x",
+                "::::",
+                "10.0.0.0/8",
+                "required",
+                "disabled",
+                "json",
+                "http/protobuf",
+                "info,relay=debug",
+                "[",
+                "{",
+            ])
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    /// A variable name: mostly a real key, sometimes a misspelt, truncated or nested one.
+    fn variable(keys: Vec<(String, String)>) -> impl Strategy<Value = String> {
+        let var = |s: &str, k: &str| format!("APP__{}__{}", s.to_uppercase(), k.to_uppercase());
+        prop_oneof![
+            8 => prop::sample::select(keys.clone()).prop_map(move |(s, k)| var(&s, &k)),
+            1 => (prop::sample::select(keys), "[A-Za-z_]{0,8}").prop_map(move |((s, k), junk)| {
+                [var(&s, &junk), var(&s, &format!("{k}__{junk}")), format!("APP__{junk}")]
+                    [junk.len() % 3]
+                    .clone()
+            }),
+            1 => "APP__[A-Za-z_]{0,12}",
+        ]
+    }
+
+    /// The loaded settings hold no duration a deadline computation could overflow on. The
+    /// duration keys are found generically: those whose default serialises as a duration.
+    fn durations_are_bounded(settings: &Settings) -> bool {
+        let as_duration =
+            |v: &serde_json::Value| v.as_str().and_then(|s| humantime::parse_duration(s).ok());
+        let defaults = serde_json::to_value(load("local", &[]).unwrap()).unwrap();
+        let loaded = serde_json::to_value(settings).unwrap();
+        keys().iter().all(|(section, key)| {
+            as_duration(&defaults[section][key]).is_none()
+                || as_duration(&loaded[section][key]).is_some_and(|d| d <= MAX_DURATION)
+        })
+    }
+
+    proptest! {
+        /// Whatever the environment holds, loading either gives settings that pass validation
+        /// (and are safe to run with), or an error that names what is wrong. Never a panic.
+        #[test]
+        fn any_environment_loads_or_names_the_problem(
+            app_env in prop::sample::select(vec!["local", "production", "staging"]),
+            env in prop::collection::vec((variable(keys()), value()), 1..4),
+        ) {
+            match load(app_env, &env) {
+                Ok(settings) => {
+                    prop_assert!(settings.validate().is_ok());
+                    prop_assert!(settings.validate_for_env(app_env).is_ok());
+                    prop_assert!(durations_are_bounded(&settings));
+                }
+                Err(err) => {
+                    let message = err.to_string();
+                    // The key, its section, or (for a bad variable name) the name itself.
+                    let named = env.iter().any(|(var, _)| {
+                        let path = var.trim_start_matches("APP__").to_lowercase();
+                        let section = path.split("__").next().unwrap_or_default();
+                        (!section.is_empty() && message.contains(section))
+                            || message.contains(&path.replace("__", "."))
+                    }) || matches!(err, ConfigError::Invalid { .. });
+                    prop_assert!(named, "{env:?}: `{message}` names no key");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes_have_upper_bounds() {
+        for (var, value, key) in [
+            (
+                "APP__WS__PING_INTERVAL",
+                "18446744073709551615s",
+                "ws.ping_interval",
+            ),
+            (
+                "APP__AUTH__HANDSHAKE_TIMEOUT",
+                "101years",
+                "auth.handshake_timeout",
+            ),
+            (
+                "APP__WS__READ_BUFFER_BYTES",
+                "1099511627776",
+                "ws.read_buffer_bytes",
+            ),
+            (
+                "APP__ACCESS_LOG__QUEUE_CAPACITY",
+                "4611686018427387904",
+                "access_log.queue_capacity",
+            ),
+            (
+                "APP__ACCESS_LOG__BATCH_SIZE",
+                "20000",
+                "access_log.batch_size",
+            ),
+            (
+                "APP__ACCESS_LOG__FILE_MAX_FILES",
+                "4294967295",
+                "access_log.file_max_files",
+            ),
+        ] {
+            let err = load("local", &[(var.to_owned(), value.to_owned())])
+                .expect_err(var)
+                .to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: `{err}` should name `{key}`"
+            );
+        }
+        assert!(load("local", &[("APP__HISTORY__TTL".into(), "100years".into())]).is_ok());
+    }
 
     #[test]
     fn secret_url_hides_password() {

@@ -332,13 +332,27 @@ struct PublishBody<'a> {
 impl<'a> ClientFrame<'a> {
     /// Parse and validate one client frame.
     pub fn parse(text: &'a str) -> Result<Self, FrameError> {
-        let head: Head<'a> =
-            serde_json::from_str(text).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+        let not_a_frame = |reason: String| FrameError::InvalidFrame {
+            ty: "unknown",
+            reason,
+        };
+        let head: Head<'a> = match serde_json::from_str(text) {
+            Ok(head) => head,
+            // The first error may be about the shape (`[1]`, `{"type":5}`, `{"type":1e400}`)
+            // while the text is valid JSON, or hide a syntax error further on; only a parse
+            // of the whole text tells "not JSON" from "not a frame". Refused frames only.
+            Err(err) => {
+                return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                    Err(syntax) => FrameError::InvalidJson(syntax.to_string()),
+                    Ok(_) if !is_json_object(text) => {
+                        not_a_frame("a frame must be a JSON object".to_owned())
+                    }
+                    Ok(_) => not_a_frame(err.to_string()),
+                });
+            }
+        };
         if !is_json_object(text) {
-            return Err(FrameError::InvalidFrame {
-                ty: "unknown",
-                reason: "a frame must be a JSON object".to_owned(),
-            });
+            return Err(not_a_frame("a frame must be a JSON object".to_owned()));
         }
         let ty = head.ty.ok_or_else(|| FrameError::InvalidFrame {
             ty: "unknown",
@@ -373,7 +387,7 @@ impl<'a> ClientFrame<'a> {
             "publish" => {
                 let b: PublishBody = body("publish", text)?;
                 validate_channel(&b.channel)?;
-                check_storable(b.data.get()).map_err(|e| FrameError::InvalidFrame {
+                check_data(b.data).map_err(|e| FrameError::InvalidFrame {
                     ty: "publish",
                     reason: e.to_string(),
                 })?;
@@ -393,6 +407,75 @@ impl<'a> ClientFrame<'a> {
         };
         Ok(frame)
     }
+}
+
+/// Why a message's `data` was refused although it is valid JSON.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidData {
+    /// Postgres `jsonb` cannot hold it ([`check_storable`]).
+    #[error(transparent)]
+    Unstorable(#[from] UnstorableData),
+    #[error("`data` contains a number whose exponent is beyond ±{MAX_DATA_EXPONENT}")]
+    Exponent,
+    #[error("`data` is nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+/// Deepest nesting of arrays and objects accepted in `data`. serde_json (and so relay) reads
+/// skipped and raw values without a depth limit, but clients parsing the frame may not
+/// (serde_json's own limit is 128).
+pub const MAX_DEPTH: usize = 100;
+
+/// Largest exponent (`1e308`) written in a number of `data`: the range of a double, which is
+/// what JavaScript clients can read anyway.
+pub const MAX_DATA_EXPONENT: u32 = 308;
+
+/// Check published `data` (valid JSON): storable ([`check_storable`]), and readable back as it
+/// was sent, by relay and by its clients. Postgres stores numbers as `numeric` and prints them
+/// in full, so `1e100000` (storable) would come back from history as 100,001 digits and a small
+/// message could make every history read huge; exponents are therefore bounded by a double's,
+/// and nesting by [`MAX_DEPTH`]. The same rules apply in embedded mode, so both backends accept
+/// exactly the same messages.
+pub fn check_data(data: &RawValue) -> Result<(), InvalidData> {
+    check_storable(data.get())?;
+    let bytes = data.get().as_bytes();
+    let mut i = 0;
+    let mut in_string = false;
+    let mut depth = 0usize;
+    while let Some(&b) = bytes.get(i) {
+        i += 1;
+        match b {
+            b'"' => in_string = !in_string,
+            // An escape inside a string: skip the escaped character (`\"` does not end it).
+            b'\\' if in_string => i += 1,
+            b'[' | b'{' if !in_string => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(InvalidData::TooDeep);
+                }
+            }
+            b']' | b'}' if !in_string => depth = depth.saturating_sub(1),
+            // Outside strings an `e` is an exponent, or part of `true` / `false` (never
+            // followed by a digit or sign).
+            b'e' | b'E' if !in_string => {
+                if bytes.get(i).is_some_and(|c| matches!(c, b'+' | b'-')) {
+                    i += 1;
+                }
+                let mut exponent: u32 = 0;
+                while let Some(d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
+                    exponent = exponent
+                        .saturating_mul(10)
+                        .saturating_add(u32::from(d - b'0'));
+                    i += 1;
+                }
+                if exponent > MAX_DATA_EXPONENT {
+                    return Err(InvalidData::Exponent);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// serde also accepts a struct written as an array (`[a, b]`); frames and envelopes are JSON
@@ -681,6 +764,9 @@ impl<'a> Envelope<'a> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -807,8 +893,17 @@ mod tests {
                 .code(),
             "invalid_channel"
         );
+        // Valid JSON that is not a frame object is `invalid_frame` (docs/protocol.md).
+        for not_a_frame in ["[1]", "[]", "1", "null", r#""x""#, r#"{"type":5}"#] {
+            assert_eq!(
+                ClientFrame::parse(not_a_frame).unwrap_err().code(),
+                "invalid_frame",
+                "{not_a_frame}"
+            );
+        }
+        // ... unless it is not JSON further on.
         assert_eq!(
-            ClientFrame::parse(r#"[1]"#).unwrap_err().code(),
+            ClientFrame::parse(r#"{"type":5,"#).unwrap_err().code(),
             "invalid_json"
         );
         assert_eq!(
@@ -817,6 +912,53 @@ mod tests {
                 .code(),
             "invalid_frame"
         );
+    }
+
+    #[test]
+    fn data_that_cannot_be_stored_as_sent_is_refused() {
+        let check = |text: &str| check_data(&RawValue::from_string(text.to_owned()).unwrap());
+        for ok in [
+            r#""\\u0000""#,
+            r#""\ud83d\ude00""#,
+            r#""é\u00e9""#,
+            "1e308",
+            "-1.5E-308",
+            "[true,false,null]",
+            r#"{"e":"e999","x":1e+2}"#,
+            &format!("{}1{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH)),
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            (r#""\u0000""#, UnstorableData::Nul.into()),
+            (r#"{"k":["a\u0000"]}"#, UnstorableData::Nul.into()),
+            (r#""\ud800""#, UnstorableData::UnpairedSurrogate.into()),
+            (
+                r#""\ud800\u0041""#,
+                UnstorableData::UnpairedSurrogate.into(),
+            ),
+            (
+                r#""\ude00\ud83d""#,
+                UnstorableData::UnpairedSurrogate.into(),
+            ),
+            ("1e309", InvalidData::Exponent),
+            ("1e100000", InvalidData::Exponent),
+            ("[0.5E-100000]", UnstorableData::NumberOutOfRange.into()),
+            (
+                "1e99999999999999999999",
+                UnstorableData::NumberOutOfRange.into(),
+            ),
+            (
+                &format!(
+                    "{}1{}",
+                    "[".repeat(MAX_DEPTH + 1),
+                    "]".repeat(MAX_DEPTH + 1)
+                ),
+                InvalidData::TooDeep,
+            ),
+        ] {
+            assert_eq!(check(bad), Err(why), "{bad}");
+        }
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
+    /// The client broke the WebSocket framing rules (RFC 6455 §7.4.1).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const IDLE_TIMEOUT: u16 = 4000;
     /// The handshake frame was missing, late, not an `auth` frame, or its token was refused.
@@ -219,13 +223,13 @@ impl Session {
         let now = tokio::time::Instant::now();
         let deadline = match &self.access {
             Access::Open => None,
-            Access::AwaitingToken => Some(now + auth.handshake_timeout),
+            Access::AwaitingToken => Some(deadline(now, auth.handshake_timeout)),
             Access::Granted(p) => {
                 let left = p.expires_in();
                 Some(if self.warned {
-                    now + left
+                    deadline(now, left)
                 } else {
-                    now + left.saturating_sub(auth.expiry_warning)
+                    deadline(now, left.saturating_sub(auth.expiry_warning))
                 })
             }
         };
@@ -401,6 +405,16 @@ impl Session {
         let end = self.event_loop(transport).await;
         let close_code = match end {
             End::Close(code, reason) => {
+                if closes_for_client_error(code) {
+                    // The answers to the frames that led here (their error frames) are queued;
+                    // send them before the close, so it never looks unexplained.
+                    self.drain_now();
+                    for frame in &self.out {
+                        self.traffic.frames_out += 1;
+                        self.traffic.bytes_out += frame.text.len() as u64;
+                    }
+                    let _ = Box::pin(transport.send(&mut self.out)).await;
+                }
                 // Boxed: the goodbye's timer is not part of every idle connection's task.
                 Box::pin(transport.close(code, reason)).await;
                 Some(code)
@@ -468,6 +482,13 @@ impl Session {
                         if self.bad_frames >= MAX_CONSECUTIVE_BAD_FRAMES {
                             return End::Close(close_code::POLICY, "too many invalid frames");
                         }
+                    }
+                    // Not the `auth` frame the handshake waits for.
+                    Inbound::Unsupported if matches!(self.access, Access::AwaitingToken) => {
+                        return End::Close(
+                            close_code::AUTH_FAILED,
+                            "the first frame must be {\"type\":\"auth\",\"token\":…}",
+                        );
                     }
                     Inbound::Unsupported => {
                         self.bad_frame(ServerFrame::error(
@@ -637,6 +658,12 @@ impl Session {
                     Err(err @ PublishError::ChannelLimit { .. }) => {
                         self.reply(ServerFrame::error("channel_limit", &err.to_string()));
                     }
+                    Err(PublishError::Store(err)) if err.is_data_rejected() => {
+                        self.reply(ServerFrame::error(
+                            "invalid_frame",
+                            "invalid `publish` frame: `data` cannot be stored",
+                        ));
+                    }
                     Err(PublishError::Store(err)) => {
                         tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
                         self.reply(ServerFrame::error(
@@ -658,6 +685,23 @@ impl Drop for Session {
             .pubsub
             .leave(self.subs.channels(), Arc::clone(&self.outbox));
     }
+}
+
+/// Closes caused by what the client sent, after which its pending answers are still worth
+/// sending. Not a slow consumer (it would not read them) nor shutdown (bounded by the drain).
+fn closes_for_client_error(code: u16) -> bool {
+    use close_code::*;
+    matches!(
+        code,
+        POLICY | TOO_BIG | PROTOCOL_ERROR | INVALID_PAYLOAD | AUTH_FAILED
+    )
+}
+
+/// `now + after`, saturating: a token's `exp` is the issuer's number and may be as far away as
+/// `u64::MAX` seconds, where `Instant + Duration` would panic.
+fn deadline(now: tokio::time::Instant, after: Duration) -> tokio::time::Instant {
+    now.checked_add(after)
+        .unwrap_or_else(|| now + crate::config::MAX_DURATION)
 }
 
 async fn poll_read(read: &mut Option<Read>) -> ReadDone {

@@ -63,16 +63,18 @@ impl Transport for WsTransport {
         self.last_seen = Instant::now();
         match incoming {
             None => Inbound::End(End::Gone),
-            Some(Err(err)) => Inbound::End(if is_too_big(err) {
-                End::Close(close_code::TOO_BIG, "message too big")
-            } else {
-                End::Gone
-            }),
+            Some(Err(err)) => Inbound::End(read_error(err)),
             Some(Ok(Message::Text(text))) => Inbound::Text(text),
             Some(Ok(Message::Binary(_))) => Inbound::Unsupported,
-            // tungstenite answers pings itself and queues the close reply; the next read
-            // completes the handshake.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => Inbound::Alive,
+            // tungstenite answers pings itself (the pong goes out with the next read or write).
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Inbound::Alive,
+            // The client closed: tungstenite queued the close reply. Send it now, since nothing
+            // else may be written after a close (a frame of the outbox would fail and drop the
+            // connection without the reply), and end the session.
+            Some(Ok(Message::Close(_))) => {
+                let _ = bounded(self.write_timeout, self.socket.flush()).await;
+                Inbound::End(End::Gone)
+            }
         }
     }
 
@@ -138,10 +140,17 @@ pub async fn serve(
     );
 }
 
-/// tungstenite reports an oversized message as a capacity error.
-fn is_too_big(err: axum::Error) -> bool {
-    matches!(
-        err.into_inner().downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    )
+/// How a failed read ends the session. A client that broke the rules is told which one with
+/// the RFC 6455 close code (tungstenite still writes after a read error); a connection that is
+/// simply gone gets nothing.
+fn read_error(err: axum::Error) -> End {
+    use tungstenite::{Error, error::ProtocolError};
+    match err.into_inner().downcast_ref::<Error>() {
+        Some(Error::Capacity(_)) => End::Close(close_code::TOO_BIG, "message too big"),
+        Some(Error::Utf8(_)) => End::Close(close_code::INVALID_PAYLOAD, "text frame is not UTF-8"),
+        // The peer vanished mid-frame: nobody left to tell.
+        Some(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => End::Gone,
+        Some(Error::Protocol(_)) => End::Close(close_code::PROTOCOL_ERROR, "protocol error"),
+        _ => End::Gone,
+    }
 }

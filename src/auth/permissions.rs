@@ -209,6 +209,26 @@ mod tests {
             prop_assert!(!set.allows(&ch) || ChannelSet::parse(&more).unwrap().allows(&ch));
         }
 
+        /// Parsing accepts exactly the entries docs/security.md describes (a channel name, or
+        /// a prefix of channel characters and one trailing `*`); one bad entry anywhere in a
+        /// list refuses the whole claim, so a typo never silently narrows or widens access.
+        #[test]
+        fn parse_accepts_exactly_the_documented_entries(
+            entry in prop_oneof!["[A-Za-z0-9_:.*-]{0,6}", "[a-z]{126,130}\\*?", "\\PC{0,12}"],
+            good in proptest::collection::vec(channel(), 0..3),
+        ) {
+            let alphabet = |c: char| c.is_ascii_alphanumeric() || "_-:.".contains(c);
+            let body = entry.strip_suffix('*').unwrap_or(&entry);
+            let documented = body.chars().count() <= 128
+                && body.chars().all(alphabet)
+                && (entry.ends_with('*') || !body.is_empty());
+            prop_assert_eq!(Pattern::parse(&entry).is_ok(), documented, "{:?}", entry);
+            let mut list = good.clone();
+            list.insert(good.len() / 2, entry.clone());
+            let claims = ChannelClaims { subscribe: good, publish: list, history: Vec::new() };
+            prop_assert_eq!(Permissions::from_claims(&claims).is_ok(), documented);
+        }
+
         /// Parsing never panics, and whatever parses only matches valid channel names it covers.
         #[test]
         fn parse_is_total(entry in "\\PC{0,40}") {

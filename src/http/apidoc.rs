@@ -167,7 +167,7 @@ fn channel_list_schema(max: usize) -> Schema {
 /// A string without U+0000, the one character `check_storable` refuses that a pattern can say.
 const NO_NUL: &str = "^[^\\x00]*$";
 
-/// The `data` of a message: any JSON value that can be stored (`protocol::check_storable`).
+/// The `data` of a message: any JSON value that can be stored and read back (`protocol::check_data`).
 pub struct MessageData;
 
 impl utoipa::PartialSchema for MessageData {
@@ -180,9 +180,11 @@ impl utoipa::PartialSchema for MessageData {
         };
         AnyOfBuilder::new()
             .description(Some(
-                "Any JSON value that Postgres `jsonb` can store: no U+0000 in a string or key, \
-                 no unpaired UTF-16 surrogate escape, and numbers with at most 131072 digits \
-                 before the decimal point and 16383 after it. Anything else is refused with 400.",
+                "Any JSON value that Postgres `jsonb` can store and clients can read back: no \
+                 U+0000 in a string or key, no unpaired UTF-16 surrogate escape, numbers with at \
+                 most 131072 digits before the decimal point and 16383 after it and a written \
+                 exponent within ±308, and arrays and objects nested at most 100 deep. Anything \
+                 else is refused with 400.",
             ))
             .item(ObjectBuilder::new().schema_type(SchemaType::Array(vec![
                 Type::Null,

@@ -23,7 +23,7 @@ use crate::{
         auth::Caller,
         error::{ApiError, AppJson, AppQuery, ErrorBody},
     },
-    protocol::{MAX_OFFSET, check_storable, validate_channel},
+    protocol::{MAX_OFFSET, check_data, validate_channel},
     publish::{self, PublishError, Published},
     state::AppState,
     store::StoreError,
@@ -31,6 +31,9 @@ use crate::{
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        if err.is_data_rejected() {
+            return Self::Validation("`data` cannot be stored".to_owned());
+        }
         match err {
             StoreError::Query(
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
@@ -54,8 +57,8 @@ fn channel_name(channel: &str) -> Result<&str, ApiError> {
     validate_channel(channel).map_err(|e| ApiError::Validation(e.to_string()))
 }
 
-/// Body of a publish request (other fields are ignored).
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+/// Body of a publish request.
+#[derive(Debug, utoipa::ToSchema)]
 pub struct PublishRequest {
     #[schema(value_type = crate::http::apidoc::MessageData)]
     pub data: Box<RawValue>,
@@ -63,6 +66,38 @@ pub struct PublishRequest {
 
 /// The channel in the path; its `pattern` and length come from `crate::http::apidoc`.
 const CHANNEL_PARAM: &str = "Channel name: 1-128 characters of A-Z a-z 0-9 _ - : .";
+
+/// By hand, because serde's derive also reads a struct from an array: `[1]` would publish `1`.
+/// The body must be the object `{"data": …}` (other fields are ignored).
+impl<'de> Deserialize<'de> for PublishRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Body;
+        impl<'de> serde::de::Visitor<'de> for Body {
+            type Value = PublishRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an object {"data": …}"#)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<PublishRequest, A::Error> {
+                let mut data = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key != "data" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else if data.replace(map.next_value()?).is_some() {
+                        return Err(serde::de::Error::duplicate_field("data"));
+                    }
+                }
+                let data = data.ok_or_else(|| serde::de::Error::missing_field("data"))?;
+                Ok(PublishRequest { data })
+            }
+        }
+        d.deserialize_map(Body)
+    }
+}
 
 /// Publish a message: stored with the channel's next offset, then delivered to every subscriber
 /// on every replica.
@@ -99,7 +134,7 @@ pub async fn publish_message(
 ) -> Result<(StatusCode, AppJson<Published>), ApiError> {
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
-    check_storable(body.data.get()).map_err(|e| ApiError::Validation(e.to_string()))?;
+    check_data(&body.data).map_err(|e| ApiError::Validation(e.to_string()))?;
     let published = publish::publish(&state, channel, &body.data, caller.subject()).await?;
     Ok((StatusCode::CREATED, AppJson(published)))
 }

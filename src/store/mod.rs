@@ -38,6 +38,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Postgres refused the data itself (SQLSTATE class 22, "data exception": a value `jsonb`
+    /// cannot hold). The client's fault, not an outage: retrying the same message fails again.
+    pub fn is_data_rejected(&self) -> bool {
+        matches!(self, Self::Query(sqlx::Error::Database(e))
+            if e.code().is_some_and(|code| code.starts_with("22")))
+    }
+}
+
 /// Where messages are stored; cheap to clone.
 #[derive(Clone, Debug)]
 pub enum MessageStore {

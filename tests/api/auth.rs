@@ -13,10 +13,10 @@ use crate::{
     helpers::{Backend, TestApp, WsClient, spawn_app_on},
 };
 
-pub(crate) const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
 /// POST `{"data":1}` to `url` with `token` as the bearer.
-pub(crate) async fn post_as(app: &TestApp, url: &str, token: &str) -> reqwest::Response {
+pub async fn post_as(app: &TestApp, url: &str, token: &str) -> reqwest::Response {
     app.http
         .post(url)
         .bearer_auth(token)
@@ -32,11 +32,11 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn now() -> u64 {
+pub fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
-pub(crate) fn required(s: &mut Settings) {
+pub fn required(s: &mut Settings) {
     s.auth.mode = AuthMode::Required;
     s.auth.hs256_secret = Secret::new(SECRET);
 }
@@ -49,11 +49,11 @@ async fn auth_app(customise: impl FnOnce(&mut Settings)) -> TestApp {
     .await
 }
 
-pub(crate) fn claims(sub: &str, ttl: u64, channels: Value) -> Value {
+pub fn claims(sub: &str, ttl: u64, channels: Value) -> Value {
     json!({ "sub": sub, "exp": now() + ttl, "channels": channels })
 }
 
-pub(crate) fn hs256(claims: &Value) -> String {
+pub fn hs256(claims: &Value) -> String {
     sign(
         claims,
         Algorithm::HS256,
@@ -62,7 +62,7 @@ pub(crate) fn hs256(claims: &Value) -> String {
     )
 }
 
-fn sign(claims: &Value, alg: Algorithm, kid: Option<&str>, key: &EncodingKey) -> String {
+pub fn sign(claims: &Value, alg: Algorithm, kid: Option<&str>, key: &EncodingKey) -> String {
     let mut header = Header::new(alg);
     header.kid = kid.map(str::to_owned);
     jsonwebtoken::encode(&header, claims, key).unwrap()
@@ -72,7 +72,7 @@ fn ec_key(name: &str) -> EncodingKey {
     EncodingKey::from_ec_pem(&std::fs::read(fixture(name)).unwrap()).unwrap()
 }
 
-fn rsa_key() -> EncodingKey {
+pub fn rsa_key() -> EncodingKey {
     EncodingKey::from_rsa_pem(&std::fs::read(fixture("rs256.key.pem")).unwrap()).unwrap()
 }
 

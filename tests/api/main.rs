@@ -6,6 +6,7 @@ mod architecture;
 mod auth;
 mod config;
 mod demo;
+mod fuzz;
 mod health;
 mod helpers;
 mod history;
