@@ -646,10 +646,12 @@ impl Settings {
             }
         }
         positive("health.check_timeout", self.health.check_timeout)?;
-        if self.ws.max_message_bytes < 64 {
+        // The WebSocket library reserves a frame's declared length up front, so the bound is
+        // also what one connection can make the process allocate.
+        if !(64..=64 << 20).contains(&self.ws.max_message_bytes) {
             return Err(ConfigError::invalid(
                 "ws.max_message_bytes",
-                "must be at least 64",
+                "must be between 64 and 67108864 (64 MiB)",
             ));
         }
         at_least_one("ws.max_subscriptions", self.ws.max_subscriptions as u64)?;
@@ -768,6 +770,21 @@ impl Settings {
         ] {
             if value < 1 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        // Offsets stay below 2^53, so a larger count keeps everything anyway (and would overflow
+        // the pruning arithmetic); a page is read into memory whole.
+        for (key, value, max) in [
+            (
+                "history.max_per_channel",
+                h.max_per_channel,
+                crate::protocol::MAX_OFFSET,
+            ),
+            ("history.prune_batch", h.prune_batch, 1_000_000),
+            ("history.max_page_size", h.max_page_size, 10_000),
+        ] {
+            if value > max {
+                return Err(ConfigError::invalid(key, format!("must be at most {max}")));
             }
         }
         if h.default_page_size > h.max_page_size {
@@ -1087,6 +1104,21 @@ mod tests {
                 "APP__ACCESS_LOG__BATCH_SIZE",
                 "20000",
                 "access_log.batch_size",
+            ),
+            (
+                "APP__WS__MAX_MESSAGE_BYTES",
+                "1099511627776",
+                "ws.max_message_bytes",
+            ),
+            (
+                "APP__HISTORY__MAX_PER_CHANNEL",
+                "9223372036854775807",
+                "history.max_per_channel",
+            ),
+            (
+                "APP__HISTORY__MAX_PAGE_SIZE",
+                "10000000",
+                "history.max_page_size",
             ),
             (
                 "APP__ACCESS_LOG__FILE_MAX_FILES",
