@@ -33,6 +33,9 @@ pub struct ChannelPosition {
 /// after its bucket's floor (see the `channel_floors` migration); the floor row is read `FOR
 /// SHARE`, so the newest committed floor is used even if retention raised it while this
 /// statement ran.
+///
+/// The quota is a count, not a lock: concurrent creations by one subject can each see room and
+/// overshoot it by at most their number, which keeps the bound without serialising creators.
 pub async fn append(
     pool: &PgPool,
     channel: &str,
