@@ -636,15 +636,9 @@ impl Session {
                     self.reply(ServerFrame::error("forbidden", &message));
                     return Ok(());
                 }
-                // Refused while this replica has no broker connection: an interactive publisher
-                // gets a definite answer and can retry (the HTTP API accepts durably instead).
-                if !self.state.pubsub.is_listening() {
-                    self.reply(ServerFrame::error(
-                        "unavailable",
-                        "not connected to Redis; publish again shortly",
-                    ));
-                    return Ok(());
-                }
+                // Accepted while this replica has no broker connection, as over HTTP: once
+                // Postgres committed it the message is durable, and every replica's catch-up
+                // delivers it when Redis is back.
                 if let Some(Err(limited)) = self.publish_limit.as_ref().map(|l| l.check()) {
                     self.reply(ServerFrame::error("rate_limited", &limited.to_string()));
                     return Ok(());
