@@ -258,6 +258,8 @@ pub enum ClientFrame<'a> {
     Publish {
         channel: Cow<'a, str>,
         data: &'a RawValue,
+        /// Compare-and-publish: commit only if the channel's last offset is this.
+        expected_last_id: Option<i64>,
     },
     Ping,
     /// The handshake frame of a WebSocket opened without a token.
@@ -327,6 +329,8 @@ struct PublishBody<'a> {
     channel: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
+    #[serde(default)]
+    expected_last_id: Option<i64>,
 }
 
 impl<'a> ClientFrame<'a> {
@@ -391,9 +395,20 @@ impl<'a> ClientFrame<'a> {
                     ty: "publish",
                     reason: e.to_string(),
                 })?;
+                if b.expected_last_id
+                    .is_some_and(|s| !(0..=MAX_OFFSET).contains(&s))
+                {
+                    return Err(FrameError::InvalidFrame {
+                        ty: "publish",
+                        reason: format!(
+                            "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
+                        ),
+                    });
+                }
                 Self::Publish {
                     channel: b.channel,
                     data: b.data,
+                    expected_last_id: b.expected_last_id,
                 }
             }
             "ping" => Self::Ping,

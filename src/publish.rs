@@ -11,7 +11,11 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tracing::Instrument;
 
-use crate::{rate_limit::Limited, state::AppState, store::StoreError};
+use crate::{
+    rate_limit::Limited,
+    state::AppState,
+    store::{StoreError, messages::Appended},
+};
 
 /// Why a publish was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +28,24 @@ pub enum PublishError {
         "`{subject}` has created {limit} channels (limits.channels_per_subject); publish to an existing channel, or wait for retention to remove empty ones"
     )]
     ChannelLimit { subject: String, limit: u32 },
+    /// Compare-and-publish failed: the channel is not at the expected offset.
+    #[error("`{channel}` is at offset {last_id}, not the expected {expected}")]
+    Conflict {
+        channel: String,
+        expected: i64,
+        last_id: i64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// One message to publish.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub channel: &'a str,
+    pub data: &'a RawValue,
+    /// Commit only if the channel's last offset is this (compare-and-publish).
+    pub expected_last_id: Option<i64>,
 }
 
 /// What the publisher learns: the message's offset and commit time.
@@ -40,10 +60,14 @@ pub struct Published {
 /// rate limit, then the commit (which enforces the subject's channel quota), then the PUBLISH.
 pub async fn publish(
     state: &AppState,
-    channel: &str,
-    data: &RawValue,
+    message: Message<'_>,
     subject: Option<&str>,
 ) -> Result<Published, PublishError> {
+    let Message {
+        channel,
+        data,
+        expected_last_id,
+    } = message;
     state
         .limits
         .check_publish(subject)
@@ -53,14 +77,28 @@ pub async fn publish(
     async {
         let creator = subject.unwrap_or("");
         let quota = state.settings.limits.channels_per_subject;
-        let Some((id, created_at)) = state.store.append(channel, data, creator, quota).await?
-        else {
-            metrics::counter!("relay_rate_limited_total", "limit" => "channels_per_subject")
-                .increment(1);
-            return Err(PublishError::ChannelLimit {
-                subject: creator.to_owned(),
-                limit: quota,
-            });
+        let appended = state
+            .store
+            .append(channel, data, creator, quota, expected_last_id)
+            .await?;
+        let (id, created_at) = match appended {
+            Appended::Stored { offset, created_at } => (offset, created_at),
+            Appended::ChannelLimit => {
+                metrics::counter!("relay_rate_limited_total", "limit" => "channels_per_subject")
+                    .increment(1);
+                return Err(PublishError::ChannelLimit {
+                    subject: creator.to_owned(),
+                    limit: quota,
+                });
+            }
+            Appended::Conflict { last_offset } => {
+                metrics::counter!("relay_publish_conflicts_total").increment(1);
+                return Err(PublishError::Conflict {
+                    channel: channel.to_owned(),
+                    expected: expected_last_id.unwrap_or_default(),
+                    last_id: last_offset,
+                });
+            }
         };
         tracing::Span::current().record("id", id);
         state.pubsub.publish_committed(channel, data, id);

@@ -631,7 +631,11 @@ impl Session {
             // Without authentication these frames do not exist, exactly as before it did.
             ClientFrame::Auth { .. } => self.unknown_frame("auth"),
             ClientFrame::Refresh { .. } => self.unknown_frame("refresh"),
-            ClientFrame::Publish { channel, data } => {
+            ClientFrame::Publish {
+                channel,
+                data,
+                expected_last_id,
+            } => {
                 if let Err(message) = self.authorise(Action::Publish, &channel) {
                     self.reply(ServerFrame::error("forbidden", &message));
                     return Ok(());
@@ -644,13 +648,21 @@ impl Session {
                     return Ok(());
                 }
                 let subject = self.subject();
-                match publish::publish(&self.state, &channel, data, subject).await {
+                let message = publish::Message {
+                    channel: &channel,
+                    data,
+                    expected_last_id,
+                };
+                match publish::publish(&self.state, message, subject).await {
                     Ok(_) => {}
                     Err(PublishError::RateLimited(limited)) => {
                         self.reply(ServerFrame::error("rate_limited", &limited.to_string()));
                     }
                     Err(err @ PublishError::ChannelLimit { .. }) => {
                         self.reply(ServerFrame::error("channel_limit", &err.to_string()));
+                    }
+                    Err(err @ PublishError::Conflict { .. }) => {
+                        self.reply(ServerFrame::error("conflict", &err.to_string()));
                     }
                     Err(PublishError::Store(err)) if err.is_data_rejected() => {
                         self.reply(ServerFrame::error(

@@ -167,6 +167,21 @@ fn channel_list_schema(max: usize) -> Schema {
 /// A string without U+0000, the one character `check_storable` refuses that a pattern can say.
 const NO_NUL: &str = "^[^\\x00]*$";
 
+/// A message offset in a request body (`expected_last_id`): 0 to 2^53 − 1.
+pub struct Offset;
+
+impl utoipa::PartialSchema for Offset {
+    fn schema() -> RefOr<Schema> {
+        RefOr::T(offset_schema(None))
+    }
+}
+
+impl utoipa::ToSchema for Offset {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Offset")
+    }
+}
+
 /// The `data` of a message: any JSON value that can be stored and read back (`protocol::check_data`).
 pub struct MessageData;
 

@@ -52,6 +52,9 @@ pub enum ApiError {
     /// The subject has created `limits.channels_per_subject` channels (429).
     #[error("{0}")]
     ChannelLimit(String),
+    /// Compare-and-publish lost: `expected_last_id` is not the channel's last offset (409).
+    #[error("{0}")]
+    Conflict(String),
     /// A plain HTTP request (or an unsupported WebSocket version) on the WebSocket route: 426
     /// with `Upgrade: websocket` and `Sec-WebSocket-Version: 13`, which say what to send instead.
     #[error("{0}")]
@@ -83,6 +86,7 @@ impl ApiError {
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::ChannelLimit(_) => (StatusCode::TOO_MANY_REQUESTS, "channel_limit"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             Self::Rejected { status, .. } => (*status, code_for(*status)),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

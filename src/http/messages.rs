@@ -48,6 +48,7 @@ impl From<PublishError> for ApiError {
         match err {
             PublishError::RateLimited(limited) => Self::RateLimited(limited),
             err @ PublishError::ChannelLimit { .. } => Self::ChannelLimit(err.to_string()),
+            err @ PublishError::Conflict { .. } => Self::Conflict(err.to_string()),
             PublishError::Store(err) => err.into(),
         }
     }
@@ -62,13 +63,17 @@ fn channel_name(channel: &str) -> Result<&str, ApiError> {
 pub struct PublishRequest {
     #[schema(value_type = crate::http::apidoc::MessageData)]
     pub data: Box<RawValue>,
+    /// Compare-and-publish: store the message only if the channel's last offset is this
+    /// (0 for a channel never published to); otherwise `409 conflict` and nothing is stored.
+    #[schema(value_type = Option<crate::http::apidoc::Offset>)]
+    pub expected_last_id: Option<i64>,
 }
 
 /// The channel in the path; its `pattern` and length come from `crate::http::apidoc`.
 const CHANNEL_PARAM: &str = "Channel name: 1-128 characters of A-Z a-z 0-9 _ - : .";
 
 /// By hand, because serde's derive also reads a struct from an array: `[1]` would publish `1`.
-/// The body must be the object `{"data": …}` (other fields are ignored).
+/// The body must be the object `{"data": …, "expected_last_id": …}` (other fields are ignored).
 impl<'de> Deserialize<'de> for PublishRequest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Body;
@@ -84,15 +89,29 @@ impl<'de> Deserialize<'de> for PublishRequest {
                 mut map: A,
             ) -> Result<PublishRequest, A::Error> {
                 let mut data = None;
+                let mut expected_last_id = None;
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key != "data" {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    } else if data.replace(map.next_value()?).is_some() {
-                        return Err(serde::de::Error::duplicate_field("data"));
+                    match &*key {
+                        "data" if data.replace(map.next_value()?).is_some() => {
+                            return Err(serde::de::Error::duplicate_field("data"));
+                        }
+                        "data" => {}
+                        "expected_last_id" => {
+                            if expected_last_id.is_some() {
+                                return Err(serde::de::Error::duplicate_field("expected_last_id"));
+                            }
+                            expected_last_id = Some(map.next_value::<Option<i64>>()?);
+                        }
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
                     }
                 }
                 let data = data.ok_or_else(|| serde::de::Error::missing_field("data"))?;
-                Ok(PublishRequest { data })
+                Ok(PublishRequest {
+                    data,
+                    expected_last_id: expected_last_id.flatten(),
+                })
             }
         }
         d.deserialize_map(Body)
@@ -119,6 +138,7 @@ impl<'de> Deserialize<'de> for PublishRequest {
         (status = 403, description = "The token may not publish on this channel", body = ErrorBody),
         (status = 408, description = "No answer within http.request_timeout", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
+        (status = 409, description = "Compare-and-publish: `expected_last_id` is not the channel's last offset (`conflict`; nothing was stored)", body = ErrorBody),
         (status = 415, description = "Body is not `Content-Type: application/json`", body = ErrorBody),
         (status = 429, description = "A rate limit (`rate_limited`, with Retry-After) or the subject's channel quota (`channel_limit`)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until a retry can succeed (rate limits only)"))),
@@ -135,7 +155,20 @@ pub async fn publish_message(
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
     check_data(&body.data).map_err(|e| ApiError::Validation(e.to_string()))?;
-    let published = publish::publish(&state, channel, &body.data, caller.subject()).await?;
+    if body
+        .expected_last_id
+        .is_some_and(|e| !(0..=MAX_OFFSET).contains(&e))
+    {
+        return Err(ApiError::Validation(format!(
+            "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
+        )));
+    }
+    let message = publish::Message {
+        channel,
+        data: &body.data,
+        expected_last_id: body.expected_last_id,
+    };
+    let published = publish::publish(&state, message, caller.subject()).await?;
     Ok((StatusCode::CREATED, AppJson(published)))
 }
 

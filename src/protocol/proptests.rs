@@ -431,7 +431,7 @@ proptest! {
                 prop_assert_eq!(since, written);
             }
             ClientFrame::Unsubscribe { channel: c } => prop_assert_eq!(&*c, channel.as_str()),
-            ClientFrame::Publish { channel: c, data } => {
+            ClientFrame::Publish { channel: c, data, .. } => {
                 prop_assert_eq!(&*c, channel.as_str());
                 let DataField::Storable(raw) = &spec.data else { unreachable!() };
                 prop_assert_eq!(data.get(), raw.as_str());

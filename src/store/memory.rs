@@ -14,7 +14,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::messages::{ChannelPosition, StoredMessage};
+use super::messages::{Appended, ChannelPosition, StoredMessage};
 
 #[derive(Debug, Default)]
 pub struct MemoryLog {
@@ -69,33 +69,40 @@ impl MemoryLog {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Append with the next offset; `None` when this would create a channel beyond `creator`'s
-    /// `max_channels` (0: no quota).
+    /// Append with the next offset, as [`super::messages::append`] does: within `creator`'s
+    /// `max_channels` (0: no quota), and only if the channel stands at `expected` when given.
     pub fn append(
         &self,
         channel: &str,
         data: &RawValue,
         creator: &str,
         max_channels: u32,
-    ) -> Option<(i64, DateTime<Utc>)> {
+        expected: Option<i64>,
+    ) -> Appended {
         let mut inner = self.lock();
-        if !inner.channels.contains_key(channel) {
+        let last_offset = inner
+            .channels
+            .get(channel)
+            .map_or_else(|| inner.floor(channel), |log| log.last_offset);
+        if expected.is_some_and(|e| e != last_offset) {
+            return Appended::Conflict { last_offset };
+        }
+        let exists = inner.channels.contains_key(channel);
+        if !exists {
             let created = inner.created.get(creator).copied().unwrap_or(0);
             if max_channels > 0 && created >= max_channels {
-                return None;
+                return Appended::ChannelLimit;
             }
             *inner.created.entry(creator.to_owned()).or_default() += 1;
-            let floor = inner.floor(channel);
-            inner.channels.insert(
-                channel.to_owned(),
-                ChannelLog {
-                    last_offset: floor,
-                    created_by: creator.to_owned(),
-                    messages: VecDeque::new(),
-                },
-            );
         }
-        let log = inner.channels.get_mut(channel)?;
+        let log = inner
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelLog {
+                last_offset,
+                created_by: creator.to_owned(),
+                messages: VecDeque::new(),
+            });
         log.last_offset += 1;
         let created_at = Utc::now();
         log.messages.push_back(StoredMessage {
@@ -106,7 +113,10 @@ impl MemoryLog {
         while log.messages.len() > self.max_per_channel {
             log.messages.pop_front();
         }
-        Some((log.last_offset, created_at))
+        Appended::Stored {
+            offset: log.last_offset,
+            created_at,
+        }
     }
 
     /// Remove up to `batch` channels without messages, keeping their last offset as their
@@ -225,7 +235,10 @@ mod tests {
     fn gapless_offsets_ranges_and_retention() {
         let log = MemoryLog::new(3);
         for i in 1..=5 {
-            assert_eq!(log.append("c", &raw(&i.to_string()), "", 0).unwrap().0, i);
+            assert!(matches!(
+                log.append("c", &raw(&i.to_string()), "", 0, None),
+                Appended::Stored { offset, .. } if offset == i
+            ));
         }
         assert_eq!(
             log.position("c"),
@@ -255,15 +268,18 @@ mod tests {
     #[test]
     fn quotas_count_creations_and_removed_channels_keep_their_offsets() {
         let log = MemoryLog::new(10);
-        assert!(log.append("a", &raw("1"), "alice", 2).is_some());
-        assert!(log.append("b", &raw("1"), "alice", 2).is_some());
+        assert!(stored(log.append("a", &raw("1"), "alice", 2, None)));
+        assert!(stored(log.append("b", &raw("1"), "alice", 2, None)));
         assert!(
-            log.append("c", &raw("1"), "alice", 2).is_none(),
+            log.append("c", &raw("1"), "alice", 2, None) == Appended::ChannelLimit,
             "over quota"
         );
-        assert!(log.append("a", &raw("2"), "alice", 2).is_some(), "existing");
         assert!(
-            log.append("c", &raw("1"), "bob", 2).is_some(),
+            stored(log.append("a", &raw("2"), "alice", 2, None)),
+            "existing"
+        );
+        assert!(
+            stored(log.append("c", &raw("1"), "bob", 2, None)),
             "another subject"
         );
         assert_eq!(log.remove_empty_channels(10), 0, "nothing is empty");
@@ -279,7 +295,21 @@ mod tests {
                 oldest_offset: 3
             }
         );
-        assert!(log.append("c2", &raw("1"), "alice", 2).is_some());
-        assert_eq!(log.append("a", &raw("3"), "bob", 0).unwrap().0, 3);
+        assert!(stored(log.append("c2", &raw("1"), "alice", 2, None)));
+        assert!(matches!(
+            log.append("a", &raw("3"), "bob", 0, None),
+            Appended::Stored { offset: 3, .. }
+        ));
+        // Compare-and-publish: only at the expected offset.
+        assert_eq!(
+            log.append("a", &raw("4"), "bob", 0, Some(2)),
+            Appended::Conflict { last_offset: 3 }
+        );
+        assert!(stored(log.append("a", &raw("4"), "bob", 0, Some(3))));
+        assert!(stored(log.append("fresh", &raw("1"), "bob", 0, Some(0))));
+    }
+
+    fn stored(appended: Appended) -> bool {
+        matches!(appended, Appended::Stored { .. })
     }
 }

@@ -24,15 +24,30 @@ pub struct ChannelPosition {
     pub oldest_offset: i64,
 }
 
-/// Append `data` to `channel`, returning its offset and timestamp, or `None` when the
-/// channel does not exist yet and `creator` already has `max_channels` channels (0: no quota).
+/// What an append came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored {
+        offset: i64,
+        created_at: DateTime<Utc>,
+    },
+    /// The channel does not exist and its creator has `max_channels` channels already.
+    ChannelLimit,
+    /// `expected_last_id` was given and the channel stands elsewhere.
+    Conflict { last_offset: i64 },
+}
+
+/// Append `data` to `channel`: its next offset, unless the channel is new and `creator` already
+/// has `max_channels` channels (0: no quota), or `expected` is given and is not the channel's
+/// last offset (compare-and-publish).
 ///
 /// One statement, so one transaction: the channel row's counter is incremented under its row
 /// lock (serialising publishers of that channel across all replicas) and the message inserted
-/// with the new value. A failure rolls both back, so offsets never skip. A new channel starts
-/// after its bucket's floor (see the `channel_floors` migration); the floor row is read `FOR
-/// SHARE`, so the newest committed floor is used even if retention raised it while this
-/// statement ran.
+/// with the new value. A failure rolls both back, so offsets never skip. The expectation is
+/// checked under that same lock, so of concurrent publishers expecting the same offset exactly
+/// one wins. A new channel starts after its bucket's floor (see the `channel_floors`
+/// migration); the floor row is read `FOR SHARE`, so the newest committed floor is used even if
+/// retention raised it while this statement ran.
 ///
 /// The quota is a count, not a lock: concurrent creations by one subject can each see room and
 /// overshoot it by at most their number, which keeps the bound without serialising creators.
@@ -42,20 +57,24 @@ pub async fn append(
     data: &RawValue,
     creator: &str,
     max_channels: u32,
-) -> Result<Option<(i64, DateTime<Utc>)>, StoreError> {
+    expected: Option<i64>,
+) -> Result<Appended, StoreError> {
     let row = sqlx::query(
         r#"
         WITH bumped AS (
-            UPDATE channels SET last_offset = last_offset + 1 WHERE name = $1
+            UPDATE channels SET last_offset = last_offset + 1
+            WHERE name = $1 AND ($5::bigint IS NULL OR last_offset = $5)
             RETURNING last_offset
+        ), floor AS (
+            SELECT floor FROM channel_floors WHERE bucket = channel_bucket($1) FOR SHARE
         ), created AS (
             INSERT INTO channels (name, last_offset, created_by)
-            SELECT $1,
-                   (SELECT floor FROM channel_floors WHERE bucket = channel_bucket($1) FOR SHARE) + 1,
-                   $3
+            SELECT $1, (SELECT floor FROM floor) + 1, $3
             WHERE NOT EXISTS (SELECT 1 FROM bumped)
+              AND ($5::bigint IS NULL OR $5 = (SELECT floor FROM floor))
               AND ($4 = 0 OR (SELECT count(*) FROM channels WHERE created_by = $3) < $4)
             ON CONFLICT (name) DO UPDATE SET last_offset = channels.last_offset + 1
+                WHERE $5::bigint IS NULL OR channels.last_offset = $5
             RETURNING last_offset
         ), next AS (
             SELECT last_offset FROM bumped UNION ALL SELECT last_offset FROM created
@@ -69,10 +88,21 @@ pub async fn append(
     .bind(data.get())
     .bind(creator)
     .bind(i64::from(max_channels))
+    .bind(expected)
     .fetch_optional(pool)
     .await?;
-    row.map(|row| Ok((row.try_get("offset")?, row.try_get("created_at")?)))
-        .transpose()
+    if let Some(row) = row {
+        return Ok(Appended::Stored {
+            offset: row.try_get("offset")?,
+            created_at: row.try_get("created_at")?,
+        });
+    }
+    // Nothing was written; say why. The statement above decided; this only explains it.
+    let last_offset = position(pool, channel).await?.last_offset;
+    Ok(match expected {
+        Some(expected) if expected != last_offset => Appended::Conflict { last_offset },
+        _ => Appended::ChannelLimit,
+    })
 }
 
 /// Messages with `after < offset <= upto`, oldest first, at most `limit`.

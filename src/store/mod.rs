@@ -72,20 +72,22 @@ impl MessageStore {
         }
     }
 
-    /// Append `data` to `channel` with the next offset; `None` when that would create a
-    /// channel beyond `creator`'s quota. See [`messages::append`].
+    /// Append `data` to `channel` with the next offset, within `creator`'s channel quota and,
+    /// when `expected` is given, only if the channel's last offset is `expected`. See
+    /// [`messages::append`].
     pub async fn append(
         &self,
         channel: &str,
         data: &serde_json::value::RawValue,
         creator: &str,
         max_channels: u32,
-    ) -> Result<Option<(i64, chrono::DateTime<chrono::Utc>)>, StoreError> {
+        expected: Option<i64>,
+    ) -> Result<messages::Appended, StoreError> {
         match self {
             Self::Postgres(pool) => {
-                messages::append(pool, channel, data, creator, max_channels).await
+                messages::append(pool, channel, data, creator, max_channels, expected).await
             }
-            Self::Memory(log) => Ok(log.append(channel, data, creator, max_channels)),
+            Self::Memory(log) => Ok(log.append(channel, data, creator, max_channels, expected)),
         }
     }
 

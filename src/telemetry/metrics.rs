@@ -159,6 +159,10 @@ fn describe() {
         "Subjects and addresses the keyed rate limiters currently remember"
     );
     describe_counter!(
+        "relay_publish_conflicts_total",
+        "Compare-and-publish requests refused because the channel was not at expected_last_id"
+    );
+    describe_counter!(
         "relay_channels_removed_total",
         "Channels removed by retention after all their messages were pruned"
     );

@@ -1526,11 +1526,15 @@ async fn postgres_refusing_data_is_a_client_error() {
     let app = spawn_app_on(Backend::Services, |_| {}).await;
     for data in [r#""\u0000""#, r#""\ud800""#, "1e200000"] {
         let raw = serde_json::value::RawValue::from_string(data.to_owned()).unwrap();
-        let err = app.store.append("x", &raw, "", 0).await.expect_err(data);
+        let err = app
+            .store
+            .append("x", &raw, "", 0, None)
+            .await
+            .expect_err(data);
         assert!(err.is_data_rejected(), "{data}: {err}");
     }
     let raw = serde_json::value::RawValue::from_string("1".to_owned()).unwrap();
-    assert!(app.store.append("x", &raw, "", 0).await.is_ok());
+    assert!(app.store.append("x", &raw, "", 0, None).await.is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------

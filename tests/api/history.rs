@@ -480,7 +480,82 @@ async fn subscribers_get_every_message_committed_during_a_redis_outage() {
     ws.expect_silence(Duration::from_millis(500)).await;
 }
 
+/// Compare-and-publish: `expected_last_id` commits only at that offset, over HTTP and
+/// WebSocket; of concurrent publishers expecting the same offset exactly one wins.
+async fn compare_and_publish_commits_only_at_the_expected_offset(backend: Backend) {
+    let app = spawn_app_on(backend, |_| {}).await;
+    let url = app.url("/api/v1/channels/doc/messages");
+    let post = |body: Value| {
+        let (http, url) = (app.http.clone(), url.clone());
+        async move { http.post(url).json(&body).send().await.unwrap() }
+    };
+    let mut sub = app.subscribed_ws(&["doc"]).await;
+    let created = post(json!({"data": 1, "expected_last_id": 0})).await;
+    assert_eq!(created.status(), 201);
+    let lost = post(json!({"data": 2, "expected_last_id": 0})).await;
+    assert_eq!(lost.status(), 409);
+    let body: Value = lost.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "conflict");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at offset 1"),
+        "{body}"
+    );
+    assert_eq!(
+        post(json!({"data": 2, "expected_last_id": 1}))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        post(json!({"data": 3, "expected_last_id": null}))
+            .await
+            .status(),
+        201
+    );
+    for bad in [
+        json!(-1),
+        json!("3"),
+        json!(9_007_199_254_740_992_i64),
+        json!(1.5),
+    ] {
+        let res = post(json!({"data": 0, "expected_last_id": bad})).await;
+        assert_eq!(res.status(), 400, "{bad}");
+    }
+
+    // Twenty publishers race for offset 4.
+    let racers: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(post(json!({"data": {"racer": i}, "expected_last_id": 3}))))
+        .collect();
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.unwrap().status().as_u16() {
+            201 => won += 1,
+            409 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one publisher wins the race");
+
+    // Over WebSocket: a `conflict` error frame, or the message at the expected offset.
+    let mut ws = app.connect_ws("").await;
+    ws.send_json(json!({"type": "publish", "channel": "doc", "data": 0, "expected_last_id": 2}))
+        .await;
+    let frame = ws.expect_type("error").await;
+    assert_eq!(frame["code"], "conflict", "{frame}");
+    ws.send_json(json!({"type": "publish", "channel": "doc", "data": 5, "expected_last_id": -1}))
+        .await;
+    assert_eq!(ws.expect_type("error").await["code"], "invalid_frame");
+    ws.send_json(json!({"type": "publish", "channel": "doc", "data": 5, "expected_last_id": 4}))
+        .await;
+    assert_eq!(collect_ids(&mut sub, 5).await, vec![1, 2, 3, 4, 5]);
+    sub.expect_silence(Duration::from_millis(300)).await;
+}
+
 crate::on_both_backends!(
+    compare_and_publish_commits_only_at_the_expected_offset,
     publish_returns_201_with_the_offset_and_delivers_it,
     reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing,
     since_in_the_query_string_replays_before_live,
