@@ -108,6 +108,17 @@ pub struct Settings {
     pub demo: DemoSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
+    pub publish: PublishSettings,
+}
+
+/// The publish path.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSettings {
+    /// A publish repeated with the same `Idempotency-Key` within this window returns the
+    /// original offset instead of storing a second message.
+    #[serde(with = "duration")]
+    pub idempotency_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -646,6 +657,10 @@ impl Settings {
             }
         }
         positive("health.check_timeout", self.health.check_timeout)?;
+        positive(
+            "publish.idempotency_window",
+            self.publish.idempotency_window,
+        )?;
         // The WebSocket library reserves a frame's declared length up front, so the bound is
         // also what one connection can make the process allocate.
         if !(64..=64 << 20).contains(&self.ws.max_message_bytes) {

@@ -260,6 +260,8 @@ pub enum ClientFrame<'a> {
         data: &'a RawValue,
         /// Compare-and-publish: commit only if the channel's last offset is this.
         expected_last_id: Option<i64>,
+        /// A repeat with the same key within the window stores nothing new.
+        idempotency_key: Option<Cow<'a, str>>,
     },
     Ping,
     /// The handshake frame of a WebSocket opened without a token.
@@ -331,6 +333,8 @@ struct PublishBody<'a> {
     data: &'a RawValue,
     #[serde(default)]
     expected_last_id: Option<i64>,
+    #[serde(default, borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 impl<'a> ClientFrame<'a> {
@@ -405,10 +409,21 @@ impl<'a> ClientFrame<'a> {
                         ),
                     });
                 }
+                if b.idempotency_key
+                    .as_deref()
+                    .is_some_and(|k| !crate::publish::valid_idempotency_key(k))
+                {
+                    return Err(FrameError::InvalidFrame {
+                        ty: "publish",
+                        reason: "`idempotency_key` must be 1 to 255 visible ASCII characters"
+                            .to_owned(),
+                    });
+                }
                 Self::Publish {
                     channel: b.channel,
                     data: b.data,
                     expected_last_id: b.expected_last_id,
+                    idempotency_key: b.idempotency_key,
                 }
             }
             "ping" => Self::Ping,

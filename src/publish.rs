@@ -14,7 +14,10 @@ use tracing::Instrument;
 use crate::{
     rate_limit::Limited,
     state::AppState,
-    store::{StoreError, messages::Appended},
+    store::{
+        StoreError,
+        messages::{AppendOptions, Appended},
+    },
 };
 
 /// Why a publish was not committed.
@@ -28,6 +31,9 @@ pub enum PublishError {
         "`{subject}` has created {limit} channels (limits.channels_per_subject); publish to an existing channel, or wait for retention to remove empty ones"
     )]
     ChannelLimit { subject: String, limit: u32 },
+    /// The idempotency key was used within the window for other data.
+    #[error("this Idempotency-Key was used for other data on `{channel}` within the last {window}")]
+    KeyReused { channel: String, window: String },
     /// Compare-and-publish failed: the channel is not at the expected offset.
     #[error("`{channel}` is at offset {last_id}, not the expected {expected}")]
     Conflict {
@@ -46,6 +52,17 @@ pub struct Message<'a> {
     pub data: &'a RawValue,
     /// Commit only if the channel's last offset is this (compare-and-publish).
     pub expected_last_id: Option<i64>,
+    /// A retry with this key within `publish.idempotency_window` returns the original.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// Longest idempotency key accepted (visible ASCII).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Whether `key` can be an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII
+/// characters (a UUID fits; so does anything a header can carry unescaped).
+pub fn valid_idempotency_key(key: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// What the publisher learns: the message's offset and commit time.
@@ -54,6 +71,9 @@ pub struct Published {
     pub channel: String,
     pub id: i64,
     pub created_at: DateTime<Utc>,
+    /// A retry with the same `Idempotency-Key`: this is the original message, not a new one.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 /// Publish `data` on `channel` for `subject` (`None` without authentication): the per-subject
@@ -67,6 +87,7 @@ pub async fn publish(
         channel,
         data,
         expected_last_id,
+        idempotency_key,
     } = message;
     state
         .limits
@@ -77,12 +98,33 @@ pub async fn publish(
     async {
         let creator = subject.unwrap_or("");
         let quota = state.settings.limits.channels_per_subject;
-        let appended = state
-            .store
-            .append(channel, data, creator, quota, expected_last_id)
-            .await?;
+        let window = state.settings.publish.idempotency_window;
+        let options = AppendOptions {
+            creator,
+            max_channels: quota,
+            expected_last_id,
+            idempotency: idempotency_key.map(|key| (key, window)),
+        };
+        let appended = state.store.append(channel, data, options).await?;
         let (id, created_at) = match appended {
             Appended::Stored { offset, created_at } => (offset, created_at),
+            // Committed and handed to the publisher the first time: nothing more to do.
+            Appended::Replayed { offset, created_at } => {
+                metrics::counter!("relay_publish_replays_total").increment(1);
+                tracing::Span::current().record("id", offset);
+                return Ok(Published {
+                    channel: channel.to_owned(),
+                    id: offset,
+                    created_at,
+                    replayed: true,
+                });
+            }
+            Appended::KeyReused => {
+                return Err(PublishError::KeyReused {
+                    channel: channel.to_owned(),
+                    window: humantime::format_duration(window).to_string(),
+                });
+            }
             Appended::ChannelLimit => {
                 metrics::counter!("relay_rate_limited_total", "limit" => "channels_per_subject")
                     .increment(1);
@@ -106,6 +148,7 @@ pub async fn publish(
             channel: channel.to_owned(),
             id,
             created_at,
+            replayed: false,
         })
     }
     .instrument(span)

@@ -22,7 +22,12 @@ use crate::{
 const BATCH_PAUSE: Duration = Duration::from_millis(20);
 
 pub async fn run(store: MessageStore, settings: HistorySettings, lifecycle: Lifecycle) {
-    let mut interval = tokio::time::interval(settings.prune_interval);
+    // The first round one interval after startup, not at once: a rolling deploy does not send
+    // every new replica's pruning to Postgres together, and a fresh app is not raced by it.
+    let mut interval = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.prune_interval,
+        settings.prune_interval,
+    );
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -635,6 +635,7 @@ impl Session {
                 channel,
                 data,
                 expected_last_id,
+                idempotency_key,
             } => {
                 if let Err(message) = self.authorise(Action::Publish, &channel) {
                     self.reply(ServerFrame::error("forbidden", &message));
@@ -652,6 +653,7 @@ impl Session {
                     channel: &channel,
                     data,
                     expected_last_id,
+                    idempotency_key: idempotency_key.as_deref(),
                 };
                 match publish::publish(&self.state, message, subject).await {
                     Ok(_) => {}
@@ -663,6 +665,12 @@ impl Session {
                     }
                     Err(err @ PublishError::Conflict { .. }) => {
                         self.reply(ServerFrame::error("conflict", &err.to_string()));
+                    }
+                    Err(err @ PublishError::KeyReused { .. }) => {
+                        self.reply(ServerFrame::error(
+                            "idempotency_key_reused",
+                            &err.to_string(),
+                        ));
                     }
                     Err(PublishError::Store(err)) if err.is_data_rejected() => {
                         self.reply(ServerFrame::error(

@@ -55,6 +55,9 @@ pub enum ApiError {
     /// Compare-and-publish lost: `expected_last_id` is not the channel's last offset (409).
     #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` reused for another body within the window (422).
+    #[error("{0}")]
+    KeyReused(String),
     /// A plain HTTP request (or an unsupported WebSocket version) on the WebSocket route: 426
     /// with `Upgrade: websocket` and `Sec-WebSocket-Version: 13`, which say what to send instead.
     #[error("{0}")]
@@ -87,6 +90,7 @@ impl ApiError {
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::ChannelLimit(_) => (StatusCode::TOO_MANY_REQUESTS, "channel_limit"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::KeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Self::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             Self::Rejected { status, .. } => (*status, code_for(*status)),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -49,6 +49,7 @@ impl From<PublishError> for ApiError {
             PublishError::RateLimited(limited) => Self::RateLimited(limited),
             err @ PublishError::ChannelLimit { .. } => Self::ChannelLimit(err.to_string()),
             err @ PublishError::Conflict { .. } => Self::Conflict(err.to_string()),
+            err @ PublishError::KeyReused { .. } => Self::KeyReused(err.to_string()),
             PublishError::Store(err) => err.into(),
         }
     }
@@ -124,20 +125,25 @@ impl<'de> Deserialize<'de> for PublishRequest {
     post,
     path = "/api/v1/channels/{channel}/messages",
     tag = "messages",
-    params(("channel" = String, Path, description = CHANNEL_PARAM)),
+    params(
+        ("channel" = String, Path, description = CHANNEL_PARAM),
+        ("Idempotency-Key" = Option<String>, Header, description = "1-255 visible ASCII characters: a retry with the same key within publish.idempotency_window (5 min) returns the original offset instead of storing a second message, on any replica"),
+    ),
     request_body(
         content = PublishRequest,
         description = "`{\"data\": <JSON>}`, at most `http.max_body_bytes` (1 MiB by default)",
     ),
     security(("bearer" = [])),
     responses(
-        (status = 201, description = "Stored (durable) and being delivered", body = Published),
+        (status = 201, description = "Stored (durable) and being delivered; with a repeated `Idempotency-Key`, the original message (`replayed: true`)", body = Published,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this answers a retry with the original message"))),
         (status = 400, description = "Invalid channel, a body that is not `{\"data\": <JSON>}`, or `data` that cannot be stored", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token (auth.mode = required)", body = ErrorBody,
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 403, description = "The token may not publish on this channel", body = ErrorBody),
         (status = 408, description = "No answer within http.request_timeout", body = ErrorBody),
         (status = 413, description = "Body larger than http.max_body_bytes", body = ErrorBody),
+        (status = 422, description = "`Idempotency-Key` already used for other data on this channel within publish.idempotency_window (`idempotency_key_reused`)", body = ErrorBody),
         (status = 409, description = "Compare-and-publish: `expected_last_id` is not the channel's last offset (`conflict`; nothing was stored)", body = ErrorBody),
         (status = 415, description = "Body is not `Content-Type: application/json`", body = ErrorBody),
         (status = 429, description = "A rate limit (`rate_limited`, with Retry-After) or the subject's channel quota (`channel_limit`)", body = ErrorBody,
@@ -150,8 +156,16 @@ pub async fn publish_message(
     State(state): State<AppState>,
     caller: Caller,
     Path(channel): Path<String>,
+    headers: axum::http::HeaderMap,
     AppJson(body): AppJson<PublishRequest>,
-) -> Result<(StatusCode, AppJson<Published>), ApiError> {
+) -> Result<
+    (
+        StatusCode,
+        [(&'static str, &'static str); 1],
+        AppJson<Published>,
+    ),
+    ApiError,
+> {
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
     check_data(&body.data).map_err(|e| ApiError::Validation(e.to_string()))?;
@@ -163,13 +177,33 @@ pub async fn publish_message(
             "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
         )));
     }
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| publish::valid_idempotency_key(k))
+                .ok_or_else(|| {
+                    ApiError::Validation(format!(
+                        "`Idempotency-Key` must be 1 to {} visible ASCII characters",
+                        publish::MAX_IDEMPOTENCY_KEY
+                    ))
+                })?,
+        ),
+    };
     let message = publish::Message {
         channel,
         data: &body.data,
         expected_last_id: body.expected_last_id,
+        idempotency_key,
     };
     let published = publish::publish(&state, message, caller.subject()).await?;
-    Ok((StatusCode::CREATED, AppJson(published)))
+    let replayed = [(
+        "idempotent-replayed",
+        if published.replayed { "true" } else { "false" },
+    )];
+    Ok((StatusCode::CREATED, replayed, AppJson(published)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -14,7 +14,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::messages::{Appended, ChannelPosition, StoredMessage};
+use super::messages::{AppendOptions, Appended, ChannelPosition, StoredMessage};
 
 #[derive(Debug, Default)]
 pub struct MemoryLog {
@@ -30,6 +30,27 @@ struct Inner {
     created: HashMap<String, u32>,
     /// Last offset of removed channels, per bucket of names (bounded by [`BUCKETS`]).
     floors: HashMap<u16, i64>,
+    /// Idempotency keys per channel, with what they stored; expired ones are swept when the map
+    /// has doubled since the last sweep.
+    keys: HashMap<(String, String), KeyUse>,
+    sweep_keys_at: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeyUse {
+    offset: i64,
+    created_at: DateTime<Utc>,
+    /// Of the data as a JSON value (key order and spacing do not matter, as in `jsonb`).
+    digest: u64,
+}
+
+fn digest(data: &RawValue) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let canonical = serde_json::from_str::<serde_json::Value>(data.get())
+        .map_or_else(|_| data.get().to_owned(), |v| v.to_string());
+    let mut h = std::hash::DefaultHasher::new();
+    canonical.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Default)]
@@ -71,15 +92,31 @@ impl MemoryLog {
 
     /// Append with the next offset, as [`super::messages::append`] does: within `creator`'s
     /// `max_channels` (0: no quota), and only if the channel stands at `expected` when given.
-    pub fn append(
-        &self,
-        channel: &str,
-        data: &RawValue,
-        creator: &str,
-        max_channels: u32,
-        expected: Option<i64>,
-    ) -> Appended {
+    pub fn append(&self, channel: &str, data: &RawValue, options: AppendOptions<'_>) -> Appended {
+        let AppendOptions {
+            creator,
+            max_channels,
+            expected_last_id: expected,
+            idempotency,
+        } = options;
         let mut inner = self.lock();
+        let now = Utc::now();
+        let key = idempotency.map(|(key, window)| {
+            let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+            ((channel.to_owned(), key.to_owned()), since)
+        });
+        if let Some((key, since)) = &key
+            && let Some(earlier) = inner.keys.get(key).filter(|k| k.created_at > *since)
+        {
+            return if earlier.digest == digest(data) {
+                Appended::Replayed {
+                    offset: earlier.offset,
+                    created_at: earlier.created_at,
+                }
+            } else {
+                Appended::KeyReused
+            };
+        }
         let last_offset = inner
             .channels
             .get(channel)
@@ -104,19 +141,32 @@ impl MemoryLog {
                 messages: VecDeque::new(),
             });
         log.last_offset += 1;
-        let created_at = Utc::now();
+        let offset = log.last_offset;
+        let created_at = now;
         log.messages.push_back(StoredMessage {
-            offset: log.last_offset,
+            offset,
             data: data.to_owned(),
             created_at,
         });
         while log.messages.len() > self.max_per_channel {
             log.messages.pop_front();
         }
-        Appended::Stored {
-            offset: log.last_offset,
-            created_at,
+        if let Some((key, since)) = key {
+            if inner.keys.len() >= inner.sweep_keys_at {
+                inner.keys.retain(|_, k| k.created_at > since);
+                inner.sweep_keys_at = (inner.keys.len() * 2).max(1024);
+            }
+            let digest = digest(data);
+            inner.keys.insert(
+                key,
+                KeyUse {
+                    offset,
+                    created_at,
+                    digest,
+                },
+            );
         }
+        Appended::Stored { offset, created_at }
     }
 
     /// Remove up to `batch` channels without messages, keeping their last offset as their
@@ -236,7 +286,7 @@ mod tests {
         let log = MemoryLog::new(3);
         for i in 1..=5 {
             assert!(matches!(
-                log.append("c", &raw(&i.to_string()), "", 0, None),
+                log.append("c", &raw(&i.to_string()), opts("", 0, None)),
                 Appended::Stored { offset, .. } if offset == i
             ));
         }
@@ -268,18 +318,18 @@ mod tests {
     #[test]
     fn quotas_count_creations_and_removed_channels_keep_their_offsets() {
         let log = MemoryLog::new(10);
-        assert!(stored(log.append("a", &raw("1"), "alice", 2, None)));
-        assert!(stored(log.append("b", &raw("1"), "alice", 2, None)));
+        assert!(stored(log.append("a", &raw("1"), opts("alice", 2, None))));
+        assert!(stored(log.append("b", &raw("1"), opts("alice", 2, None))));
         assert!(
-            log.append("c", &raw("1"), "alice", 2, None) == Appended::ChannelLimit,
+            log.append("c", &raw("1"), opts("alice", 2, None)) == Appended::ChannelLimit,
             "over quota"
         );
         assert!(
-            stored(log.append("a", &raw("2"), "alice", 2, None)),
+            stored(log.append("a", &raw("2"), opts("alice", 2, None))),
             "existing"
         );
         assert!(
-            stored(log.append("c", &raw("1"), "bob", 2, None)),
+            stored(log.append("c", &raw("1"), opts("bob", 2, None))),
             "another subject"
         );
         assert_eq!(log.remove_empty_channels(10), 0, "nothing is empty");
@@ -295,18 +345,31 @@ mod tests {
                 oldest_offset: 3
             }
         );
-        assert!(stored(log.append("c2", &raw("1"), "alice", 2, None)));
+        assert!(stored(log.append("c2", &raw("1"), opts("alice", 2, None))));
         assert!(matches!(
-            log.append("a", &raw("3"), "bob", 0, None),
+            log.append("a", &raw("3"), opts("bob", 0, None)),
             Appended::Stored { offset: 3, .. }
         ));
         // Compare-and-publish: only at the expected offset.
         assert_eq!(
-            log.append("a", &raw("4"), "bob", 0, Some(2)),
+            log.append("a", &raw("4"), opts("bob", 0, Some(2))),
             Appended::Conflict { last_offset: 3 }
         );
-        assert!(stored(log.append("a", &raw("4"), "bob", 0, Some(3))));
-        assert!(stored(log.append("fresh", &raw("1"), "bob", 0, Some(0))));
+        assert!(stored(log.append("a", &raw("4"), opts("bob", 0, Some(3)))));
+        assert!(stored(log.append(
+            "fresh",
+            &raw("1"),
+            opts("bob", 0, Some(0))
+        )));
+    }
+
+    fn opts(creator: &str, max_channels: u32, expected: Option<i64>) -> AppendOptions<'_> {
+        AppendOptions {
+            creator,
+            max_channels,
+            expected_last_id: expected,
+            idempotency: None,
+        }
     }
 
     fn stored(appended: Appended) -> bool {

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
 use super::StoreError;
 
@@ -35,11 +35,31 @@ pub enum Appended {
     ChannelLimit,
     /// `expected_last_id` was given and the channel stands elsewhere.
     Conflict { last_offset: i64 },
+    /// The idempotency key was used within the window for this same data: the original.
+    Replayed {
+        offset: i64,
+        created_at: DateTime<Utc>,
+    },
+    /// The idempotency key was used within the window for other data.
+    KeyReused,
 }
 
-/// Append `data` to `channel`: its next offset, unless the channel is new and `creator` already
-/// has `max_channels` channels (0: no quota), or `expected` is given and is not the channel's
-/// last offset (compare-and-publish).
+/// What makes an append conditional or idempotent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppendOptions<'a> {
+    /// The subject creating the channel if it is new ('' when anonymous) and its quota (0: none).
+    pub creator: &'a str,
+    pub max_channels: u32,
+    /// Compare-and-publish: only if the channel's last offset is this.
+    pub expected_last_id: Option<i64>,
+    /// With the window it is remembered for.
+    pub idempotency: Option<(&'a str, std::time::Duration)>,
+}
+
+/// Append `data` to `channel`: its next offset, unless the channel is new and the creator
+/// already has `max_channels` channels (0: no quota), or `expected_last_id` is given and is not
+/// the channel's last offset (compare-and-publish), or the idempotency key was used within its
+/// window (the original is returned, or [`Appended::KeyReused`] for other data).
 ///
 /// One statement, so one transaction: the channel row's counter is incremented under its row
 /// lock (serialising publishers of that channel across all replicas) and the message inserted
@@ -55,9 +75,52 @@ pub async fn append(
     pool: &PgPool,
     channel: &str,
     data: &RawValue,
-    creator: &str,
-    max_channels: u32,
-    expected: Option<i64>,
+    options: AppendOptions<'_>,
+) -> Result<Appended, StoreError> {
+    let Some((key, window)) = options.idempotency else {
+        let mut conn = pool.acquire().await?;
+        return append_on(&mut conn, channel, data, options, None).await;
+    };
+    // Keyed publishes of one channel take turns (an advisory lock, released at commit), so the
+    // look-up and the append see every earlier publish with the key, on any replica — also for
+    // a channel that does not exist yet and has no row to lock.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7243))")
+        .bind(channel)
+        .execute(&mut *tx)
+        .await?;
+    let earlier = sqlx::query(
+        r#"
+        SELECT "offset", created_at, data = $3::text::jsonb AS same FROM messages
+        WHERE channel = $1 AND idempotency_key = $2
+          AND created_at > now() - $4 * interval '1 millisecond'
+        ORDER BY "offset" DESC LIMIT 1
+        "#,
+    )
+    .bind(channel)
+    .bind(key)
+    .bind(data.get())
+    .bind(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let appended = match earlier {
+        Some(row) if row.try_get::<bool, _>("same")? => Appended::Replayed {
+            offset: row.try_get("offset")?,
+            created_at: row.try_get("created_at")?,
+        },
+        Some(_) => Appended::KeyReused,
+        None => append_on(&mut tx, channel, data, options, Some(key)).await?,
+    };
+    tx.commit().await?;
+    Ok(appended)
+}
+
+async fn append_on(
+    conn: &mut PgConnection,
+    channel: &str,
+    data: &RawValue,
+    options: AppendOptions<'_>,
+    key: Option<&str>,
 ) -> Result<Appended, StoreError> {
     let row = sqlx::query(
         r#"
@@ -79,17 +142,18 @@ pub async fn append(
         ), next AS (
             SELECT last_offset FROM bumped UNION ALL SELECT last_offset FROM created
         )
-        INSERT INTO messages (channel, "offset", data)
-        SELECT $1, last_offset, $2::text::jsonb FROM next
+        INSERT INTO messages (channel, "offset", data, idempotency_key)
+        SELECT $1, last_offset, $2::text::jsonb, $6 FROM next
         RETURNING "offset", created_at
         "#,
     )
     .bind(channel)
     .bind(data.get())
-    .bind(creator)
-    .bind(i64::from(max_channels))
-    .bind(expected)
-    .fetch_optional(pool)
+    .bind(options.creator)
+    .bind(i64::from(options.max_channels))
+    .bind(options.expected_last_id)
+    .bind(key)
+    .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = row {
         return Ok(Appended::Stored {
@@ -98,8 +162,8 @@ pub async fn append(
         });
     }
     // Nothing was written; say why. The statement above decided; this only explains it.
-    let last_offset = position(pool, channel).await?.last_offset;
-    Ok(match expected {
+    let last_offset = position_on(conn, channel).await?.last_offset;
+    Ok(match options.expected_last_id {
         Some(expected) if expected != last_offset => Appended::Conflict { last_offset },
         _ => Appended::ChannelLimit,
     })
@@ -144,6 +208,14 @@ pub async fn read_range(
 /// The channel's newest and oldest retained offsets. A channel that does not exist stands at
 /// its bucket's floor: the offset its first message will follow.
 pub async fn position(pool: &PgPool, channel: &str) -> Result<ChannelPosition, StoreError> {
+    let mut conn = pool.acquire().await?;
+    position_on(&mut conn, channel).await
+}
+
+async fn position_on(
+    conn: &mut PgConnection,
+    channel: &str,
+) -> Result<ChannelPosition, StoreError> {
     let row = sqlx::query(
         r#"
         SELECT COALESCE(c.last_offset, f.floor, 0) AS last_offset,
@@ -155,7 +227,7 @@ pub async fn position(pool: &PgPool, channel: &str) -> Result<ChannelPosition, S
         "#,
     )
     .bind(channel)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     Ok(ChannelPosition {
         last_offset: row.try_get("last_offset")?,

@@ -72,22 +72,17 @@ impl MessageStore {
         }
     }
 
-    /// Append `data` to `channel` with the next offset, within `creator`'s channel quota and,
-    /// when `expected` is given, only if the channel's last offset is `expected`. See
+    /// Append `data` to `channel` with the next offset, as `options` allow. See
     /// [`messages::append`].
     pub async fn append(
         &self,
         channel: &str,
         data: &serde_json::value::RawValue,
-        creator: &str,
-        max_channels: u32,
-        expected: Option<i64>,
+        options: messages::AppendOptions<'_>,
     ) -> Result<messages::Appended, StoreError> {
         match self {
-            Self::Postgres(pool) => {
-                messages::append(pool, channel, data, creator, max_channels, expected).await
-            }
-            Self::Memory(log) => Ok(log.append(channel, data, creator, max_channels, expected)),
+            Self::Postgres(pool) => messages::append(pool, channel, data, options).await,
+            Self::Memory(log) => Ok(log.append(channel, data, options)),
         }
     }
 

@@ -159,6 +159,10 @@ fn describe() {
         "Subjects and addresses the keyed rate limiters currently remember"
     );
     describe_counter!(
+        "relay_publish_replays_total",
+        "Publishes answered with the original message because their Idempotency-Key was seen within the window"
+    );
+    describe_counter!(
         "relay_publish_conflicts_total",
         "Compare-and-publish requests refused because the channel was not at expected_last_id"
     );

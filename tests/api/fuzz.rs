@@ -1528,13 +1528,18 @@ async fn postgres_refusing_data_is_a_client_error() {
         let raw = serde_json::value::RawValue::from_string(data.to_owned()).unwrap();
         let err = app
             .store
-            .append("x", &raw, "", 0, None)
+            .append("x", &raw, Default::default())
             .await
             .expect_err(data);
         assert!(err.is_data_rejected(), "{data}: {err}");
     }
     let raw = serde_json::value::RawValue::from_string("1".to_owned()).unwrap();
-    assert!(app.store.append("x", &raw, "", 0, None).await.is_ok());
+    assert!(
+        app.store
+            .append("x", &raw, Default::default())
+            .await
+            .is_ok()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

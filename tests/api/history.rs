@@ -554,7 +554,117 @@ async fn compare_and_publish_commits_only_at_the_expected_offset(backend: Backen
     sub.expect_silence(Duration::from_millis(300)).await;
 }
 
+/// `Idempotency-Key`: a retry within the window returns the original offset and stores nothing,
+/// also when the retries race and (on services) on another replica; another body with the same
+/// key is 422.
+async fn idempotent_publishes_are_stored_once(backend: Backend) {
+    let app = spawn_app_on(backend, |s| {
+        s.publish.idempotency_window = Duration::from_secs(2);
+        s.limits.publish_per_connection = 0;
+    })
+    .await;
+    let post = |app: &TestApp, channel: &str, key: &str, data: Value| {
+        let req = app
+            .http
+            .post(app.url(&format!("/api/v1/channels/{channel}/messages")))
+            .header("idempotency-key", key)
+            .json(&json!({ "data": data }));
+        async move { req.send().await.unwrap() }
+    };
+    let id_of = |res: reqwest::Response| async move {
+        assert_eq!(res.status(), 201);
+        let replayed = res.headers()["idempotent-replayed"].to_str().unwrap() == "true";
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["replayed"].as_bool().unwrap_or(false), replayed);
+        (body["id"].as_i64().unwrap(), replayed)
+    };
+    let mut sub = app.subscribed_ws(&["orders"]).await;
+    assert_eq!(
+        id_of(post(&app, "orders", "k1", json!(1)).await).await,
+        (1, false)
+    );
+    assert_eq!(
+        id_of(post(&app, "orders", "k1", json!(1)).await).await,
+        (1, true)
+    );
+    let reused = post(&app, "orders", "k1", json!(2)).await;
+    assert_eq!(reused.status(), 422);
+    let body: Value = reused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    // Equal JSON is the same body, whatever the key order.
+    assert_eq!(
+        id_of(post(&app, "orders", "k2", json!({"a": 1, "b": [2]})).await).await,
+        (2, false)
+    );
+    let reordered = app
+        .http
+        .post(app.url("/api/v1/channels/orders/messages"))
+        .header("idempotency-key", "k2")
+        .header("content-type", "application/json")
+        .body(r#"{"data": {"b": [2], "a": 1}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(reordered).await, (2, true));
+    // Keys belong to their channel.
+    assert_eq!(
+        id_of(post(&app, "other", "k1", json!(1)).await).await,
+        (1, false)
+    );
+    for bad in ["", "a b", &"x".repeat(256)] {
+        assert_eq!(
+            post(&app, "orders", bad, json!(1)).await.status(),
+            400,
+            "{bad:?}"
+        );
+    }
+
+    // Racing retries: one message, every answer its offset.
+    let racers: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(post(&app, "orders", "k3", json!(3))))
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for racer in racers {
+        ids.insert(id_of(racer.await.unwrap()).await.0);
+    }
+    assert_eq!(ids.into_iter().collect::<Vec<_>>(), [3]);
+    if backend == Backend::Services {
+        let other = app.spawn_replica().await;
+        assert_eq!(
+            id_of(post(&other, "orders", "k3", json!(3)).await).await,
+            (3, true)
+        );
+    }
+
+    // Over WebSocket: a repeat stores and delivers nothing; other data is refused.
+    let mut ws = app.connect_ws("").await;
+    for _ in 0..2 {
+        ws.send_json(
+            json!({"type": "publish", "channel": "orders", "data": 4, "idempotency_key": "k4"}),
+        )
+        .await;
+    }
+    ws.send_json(
+        json!({"type": "publish", "channel": "orders", "data": 5, "idempotency_key": "k4"}),
+    )
+    .await;
+    assert_eq!(
+        ws.expect_type("error").await["code"],
+        "idempotency_key_reused"
+    );
+    assert_eq!(collect_ids(&mut sub, 4).await, vec![1, 2, 3, 4]);
+    sub.expect_silence(Duration::from_millis(300)).await;
+
+    // After the window the key is free again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        id_of(post(&app, "orders", "k1", json!(1)).await).await,
+        (5, false)
+    );
+}
+
 crate::on_both_backends!(
+    idempotent_publishes_are_stored_once,
     compare_and_publish_commits_only_at_the_expected_offset,
     publish_returns_201_with_the_offset_and_delivers_it,
     reconnecting_with_since_mid_burst_misses_nothing_and_repeats_nothing,

@@ -207,7 +207,10 @@ async fn commit_without_publish(app: &TestApp, channel: &str, data: Value) {
     if app.settings.database.url.is_empty() {
         let store = &app.store;
         let data = serde_json::value::to_raw_value(&data).unwrap();
-        store.append(channel, &data, "", 0, None).await.unwrap();
+        store
+            .append(channel, &data, Default::default())
+            .await
+            .unwrap();
         return;
     }
     let pool = app.db_pool().await;
