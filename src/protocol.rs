@@ -151,6 +151,15 @@ fn storable_number(bytes: &[u8], mut i: usize) -> Result<usize, UnstorableData> 
     Ok(i)
 }
 
+/// Longest idempotency key accepted (visible ASCII).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Whether `key` can be an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII
+/// characters (a UUID fits; so does anything a header can carry unescaped).
+pub fn valid_idempotency_key(key: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Characters allowed in channel names (and in the Redis prefix in front of them, which
 /// `config` validates with this same function).
 pub fn is_channel_char(c: char) -> bool {
@@ -411,7 +420,7 @@ impl<'a> ClientFrame<'a> {
                 }
                 if b.idempotency_key
                     .as_deref()
-                    .is_some_and(|k| !crate::publish::valid_idempotency_key(k))
+                    .is_some_and(|k| !valid_idempotency_key(k))
                 {
                     return Err(FrameError::InvalidFrame {
                         ty: "publish",

@@ -56,15 +56,6 @@ pub struct Message<'a> {
     pub idempotency_key: Option<&'a str>,
 }
 
-/// Longest idempotency key accepted (visible ASCII).
-pub const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-/// Whether `key` can be an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII
-/// characters (a UUID fits; so does anything a header can carry unescaped).
-pub fn valid_idempotency_key(key: &str) -> bool {
-    (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
-}
-
 /// What the publisher learns: the message's offset and commit time.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Published {

@@ -183,11 +183,11 @@ pub async fn publish_message(
             value
                 .to_str()
                 .ok()
-                .filter(|k| publish::valid_idempotency_key(k))
+                .filter(|k| crate::protocol::valid_idempotency_key(k))
                 .ok_or_else(|| {
                     ApiError::Validation(format!(
                         "`Idempotency-Key` must be 1 to {} visible ASCII characters",
-                        publish::MAX_IDEMPOTENCY_KEY
+                        crate::protocol::MAX_IDEMPOTENCY_KEY
                     ))
                 })?,
         ),
