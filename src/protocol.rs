@@ -160,6 +160,22 @@ pub fn valid_idempotency_key(key: &str) -> bool {
     (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// An integer as JSON may write it, `17` or `17.0` (JSON Schema's `integer`, which the OpenAPI
+/// document promises for offsets in bodies); `None` for a fraction or beyond `i64`.
+pub fn integer_of(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_OFFSET as f64)
+            .map(|f| f as i64)
+    })
+}
+
+fn optional_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::<serde_json::Number>::deserialize(d)?
+        .map(|n| integer_of(&n).ok_or_else(|| serde::de::Error::custom("expected an integer")))
+        .transpose()
+}
+
 /// Characters allowed in channel names (and in the Redis prefix in front of them, which
 /// `config` validates with this same function).
 pub fn is_channel_char(c: char) -> bool {
@@ -340,7 +356,7 @@ struct PublishBody<'a> {
     channel: Cow<'a, str>,
     #[serde(borrow)]
     data: &'a RawValue,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_integer")]
     expected_last_id: Option<i64>,
     #[serde(default, borrow)]
     idempotency_key: Option<Cow<'a, str>>,

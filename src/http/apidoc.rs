@@ -21,7 +21,7 @@ use utoipa::openapi::{
 
 use crate::{
     config::Settings,
-    protocol::{CHANNEL_CHAR_CLASS, MAX_CHANNEL_LEN, MAX_OFFSET},
+    protocol::{CHANNEL_CHAR_CLASS, MAX_CHANNEL_LEN, MAX_IDEMPOTENCY_KEY, MAX_OFFSET},
 };
 
 #[derive(utoipa::OpenApi)]
@@ -94,7 +94,7 @@ impl From<&Settings> for ApiLimits {
 }
 
 /// Write the enforced constraints into every parameter the handlers validate, by name and
-/// location (`channel`, `channels`, `since`, `limit`, `Last-Event-ID`).
+/// location (`channel`, `channels`, `since`, `limit`, `Last-Event-ID`, `Idempotency-Key`).
 pub(super) fn constrain(doc: &mut OpenApi, limits: &ApiLimits) {
     for item in doc.paths.paths.values_mut() {
         let operations = [
@@ -119,6 +119,7 @@ fn constrain_operation(operation: &mut Operation, limits: &ApiLimits) {
             (ParameterIn::Query, "channels") => channel_list_schema(limits.max_subscriptions),
             (ParameterIn::Query, "since") => offset_schema(Some(0)),
             (ParameterIn::Header, "Last-Event-ID") => offset_schema(None),
+            (ParameterIn::Header, "Idempotency-Key") => idempotency_key_schema(),
             (ParameterIn::Query, "limit") => int64(1, limits.max_page_size)
                 .default(Some(limits.default_page_size.into()))
                 .into(),
@@ -126,6 +127,16 @@ fn constrain_operation(operation: &mut Operation, limits: &ApiLimits) {
         };
         parameter.schema = Some(RefOr::T(schema));
     }
+}
+
+/// `protocol::valid_idempotency_key`: 1 to `MAX_IDEMPOTENCY_KEY` visible ASCII characters.
+fn idempotency_key_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_IDEMPOTENCY_KEY))
+        .pattern(Some(format!("^[!-~]{{1,{MAX_IDEMPOTENCY_KEY}}}$")))
+        .into()
 }
 
 fn int64(minimum: i64, maximum: i64) -> ObjectBuilder {
@@ -221,5 +232,29 @@ impl utoipa::PartialSchema for MessageData {
 impl utoipa::ToSchema for MessageData {
     fn name() -> Cow<'static, str> {
         Cow::Borrowed("MessageData")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_idempotency_key_is_the_validator() {
+        let Schema::Object(schema) = idempotency_key_schema() else {
+            panic!("an object schema");
+        };
+        let pattern = regex::Regex::new(schema.pattern.as_deref().unwrap()).unwrap();
+        let mut keys: Vec<String> = (0u8..=255).map(|b| char::from(b).to_string()).collect();
+        keys.extend(
+            ["", "a b", "uuid-4f1c", &"x".repeat(255), &"x".repeat(256)].map(str::to_owned),
+        );
+        for key in keys {
+            assert_eq!(
+                pattern.is_match(&key),
+                crate::protocol::valid_idempotency_key(&key),
+                "{key:?}"
+            );
+        }
     }
 }

@@ -101,7 +101,17 @@ impl<'de> Deserialize<'de> for PublishRequest {
                             if expected_last_id.is_some() {
                                 return Err(serde::de::Error::duplicate_field("expected_last_id"));
                             }
-                            expected_last_id = Some(map.next_value::<Option<i64>>()?);
+                            let n = map.next_value::<Option<serde_json::Number>>()?;
+                            expected_last_id = Some(
+                                n.map(|n| {
+                                    crate::protocol::integer_of(&n).ok_or_else(|| {
+                                        serde::de::Error::custom(
+                                            "`expected_last_id` must be an integer offset",
+                                        )
+                                    })
+                                })
+                                .transpose()?,
+                            );
                         }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;

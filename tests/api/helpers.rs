@@ -542,18 +542,9 @@ impl OwnRedis {
 
     pub async fn wait_up(&self) {
         let client = redis::Client::open(self.url()).unwrap();
-        for _ in 0..100 {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !answers_ping(&client).await {
+            panic!("private redis-server did not start on port {}", self.port);
         }
-        panic!("private redis-server did not start on port {}", self.port);
     }
 
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
@@ -573,6 +564,22 @@ impl Drop for OwnRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether a Redis server answers `PING` through `client` within 5 s.
+pub async fn answers_ping(client: &redis::Client) -> bool {
+    for _ in 0..100 {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 pub async fn wait_for_status(app: &TestApp, path: &str, status: u16) {

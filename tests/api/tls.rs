@@ -188,17 +188,8 @@ impl TlsRedis {
     }
 
     async fn wait_up(&self, ca: &TestCa) {
-        let client = self.client(ca);
-        for _ in 0..100 {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if crate::helpers::answers_ping(&self.client(ca)).await {
+            return;
         }
         panic!(
             "redis-server did not answer over TLS on port {}: is it built with TLS support?",
