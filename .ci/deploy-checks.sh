@@ -35,6 +35,8 @@ FAILED=0
 START=$SECONDS
 
 say() { printf '%s\n' "$*"; }
+# shellcheck source=.ci/venv.sh
+source "$ROOT/.ci/venv.sh"
 
 # run_check NAME COMMAND...: run a check, show its output indented, record PASS/FAIL/SKIP.
 # A command exiting 3 means SKIP (its last output line says why).
@@ -69,27 +71,8 @@ run_check() {
 
 # --- tools ----------------------------------------------------------------------------------------
 setup_tools() {
-  local stamp="$VENV/.requirements.sha256" want
-  want="$(sha256sum "$REQS" | cut -d' ' -f1)"
-  if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    say "tools: up to date in $VENV"
-    return 0
-  fi
-  say "tools: installing $(grep -cE '^[A-Za-z]' "$REQS") pinned packages into $VENV"
-  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
-    # Debian's system Python ships venv/ensurepip separately.
-    if command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-    else
-      say "tools: python3 venv support is missing (install python3-venv)"; return 1
-    fi
-  fi
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
-  printf '%s\n' "$want" >"$stamp"
-  say "tools: installed"
+  ensure_venv "$VENV" "$REQS" || return 1
+  say "tools: ready in $VENV"
 }
 
 # --- checks ---------------------------------------------------------------------------------------

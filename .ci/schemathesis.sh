@@ -38,6 +38,8 @@ REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 REPORTS="$ROOT/target/artifacts/schemathesis"
 
 say() { printf '%s\n' "$*"; }
+# shellcheck source=.ci/venv.sh
+source "$ROOT/.ci/venv.sh"
 
 WORK="$(mktemp -d)"
 RELAY_PID=""
@@ -57,25 +59,7 @@ cleanup() {
 trap 'cleanup; rm -rf "$WORK"' EXIT
 
 setup_venv() {
-  local stamp="$VENV/.requirements.sha256" want
-  want="$(sha256sum "$REQS" | cut -d' ' -f1)"
-  if [[ -x "$VENV/bin/schemathesis" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    return 0
-  fi
-  say "installing $(grep -E '^[A-Za-z]' "$REQS" | tr '\n' ' ')into $VENV"
-  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
-    # Debian's system Python ships venv/ensurepip separately.
-    if command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-    else
-      say "python3 venv support is missing (install python3-venv)"; return 1
-    fi
-  fi
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
-  printf '%s\n' "$want" >"$stamp"
+  ensure_venv "$VENV" "$REQS"
 }
 
 free_port() {

@@ -102,6 +102,11 @@ impl RateLimits {
         })
     }
 
+    /// Whether `limits.http_per_ip` is on (callers skip resolving the address otherwise).
+    pub fn limits_http(&self) -> bool {
+        self.per_ip.is_some()
+    }
+
     /// One HTTP request from `ip`.
     pub fn check_http(&self, ip: IpAddr) -> Result<(), Limited> {
         let Some(limiter) = &self.per_ip else {

@@ -33,7 +33,7 @@ use crate::{
 /// `limits.http_per_ip`: 429 with `Retry-After` for an address over its rate. Probes are
 /// exempt, so a kubelet or load balancer sharing an address with clients never fails them.
 pub async fn rate_limit_http(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if !matches!(req.uri().path(), "/healthz" | "/readyz") {
+    if state.limits.limits_http() && !matches!(req.uri().path(), "/healthz" | "/readyz") {
         let peer = req
             .extensions()
             .get::<ConnectInfo<std::net::SocketAddr>>()
