@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     access_log::AccessLog,
+    commit::Committer,
     config::Settings,
     core::CoreSettings,
     history::HistoryReader,
@@ -21,7 +22,7 @@ use crate::{
     pubsub::{PubSub, PubSubError},
     retention,
     state::AppState,
-    store::{self, MessageStore, StoreError},
+    store::{self, MessageStore, StoreError, batch::Rules},
     telemetry,
 };
 
@@ -103,6 +104,17 @@ impl Application {
             head_check_interval: settings.history.head_check_interval,
         };
         let pubsub = PubSub::start(&settings.redis, core, history.clone(), &lifecycle)?;
+        let rules = Rules {
+            max_channels: settings.limits.channels_per_subject,
+            idempotency_window: settings.publish.idempotency_window,
+        };
+        let committer = Committer::start(
+            store.clone(),
+            pubsub.clone(),
+            &settings.publish,
+            rules,
+            &lifecycle,
+        );
         lifecycle.spawn_critical(
             "history_retention",
             retention::run(store.clone(), settings.history.clone(), lifecycle.clone()),
@@ -126,6 +138,7 @@ impl Application {
             store,
             history,
             pubsub,
+            committer,
             lifecycle,
             access_log,
             auth,

@@ -119,6 +119,19 @@ pub struct PublishSettings {
     /// original offset instead of storing a second message.
     #[serde(with = "duration")]
     pub idempotency_window: Duration,
+    /// Most messages in one `POST /api/v1/messages` request.
+    pub max_batch_messages: usize,
+    /// A group commit closes at this many messages...
+    pub commit_max_messages: usize,
+    /// ...or this long after its first publish arrived, while another commit runs (a lone
+    /// publish on an idle server is committed at once).
+    #[serde(with = "duration")]
+    pub commit_delay: Duration,
+    /// Messages waiting for a commit, at most.
+    pub queue_capacity: usize,
+    /// How long a publisher waits for room in a full queue before it is refused (503).
+    #[serde(with = "duration")]
+    pub queue_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -277,6 +290,9 @@ pub struct WsSettings {
     /// Largest accepted client message; bigger ones close the connection with 1009.
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
+    /// Publishes one connection may have waiting for their commit; it is not read further
+    /// until one is answered.
+    pub max_publishes_in_flight: usize,
     /// Frames queued for one connection before it counts as a slow consumer and is closed.
     pub outbox_capacity: usize,
     /// Bytes of queued frames per connection before it is closed as slow (4008).
@@ -661,6 +677,37 @@ impl Settings {
             "publish.idempotency_window",
             self.publish.idempotency_window,
         )?;
+        let publish = &self.publish;
+        if !(1..=100_000).contains(&publish.commit_max_messages) {
+            return Err(ConfigError::invalid(
+                "publish.commit_max_messages",
+                "must be between 1 and 100000",
+            ));
+        }
+        if publish.commit_delay > Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "publish.commit_delay",
+                "must be at most 100ms",
+            ));
+        }
+        if !(1..=publish.commit_max_messages).contains(&publish.max_batch_messages) {
+            return Err(ConfigError::invalid(
+                "publish.max_batch_messages",
+                "must be between 1 and publish.commit_max_messages",
+            ));
+        }
+        if !(publish.commit_max_messages..=10_000_000).contains(&publish.queue_capacity) {
+            return Err(ConfigError::invalid(
+                "publish.queue_capacity",
+                "must be between publish.commit_max_messages and 10000000",
+            ));
+        }
+        if publish.queue_wait > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "publish.queue_wait",
+                "must be at most 60s",
+            ));
+        }
         // The WebSocket library reserves a frame's declared length up front, so the bound is
         // also what one connection can make the process allocate.
         if !(64..=64 << 20).contains(&self.ws.max_message_bytes) {
@@ -670,6 +717,12 @@ impl Settings {
             ));
         }
         at_least_one("ws.max_subscriptions", self.ws.max_subscriptions as u64)?;
+        if !(1..=65_536).contains(&self.ws.max_publishes_in_flight) {
+            return Err(ConfigError::invalid(
+                "ws.max_publishes_in_flight",
+                "must be between 1 and 65536",
+            ));
+        }
         at_least_one("ws.max_connections", self.ws.max_connections as u64)?;
         at_least_one("ws.outbox_max_bytes", self.ws.outbox_max_bytes as u64)?;
         at_least_one("ws.outbox_capacity", self.ws.outbox_capacity as u64)?;

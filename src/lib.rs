@@ -16,7 +16,8 @@
 //! * [`session`] is one client connection for both transports: subscriptions, outbox, paced
 //!   replay, limits. [`ws`] and [`sse`] are thin transports under it; [`protocol`] is the wire
 //!   format.
-//! * [`publish`] is the publish path (commit, then hand the PUBLISH to the service);
+//! * [`publish`] is the publish path (rate limits, then the group commit of [`commit`], which
+//!   hands committed messages to local subscribers and the PUBLISH to the service);
 //!   [`retention`] prunes old history in the background.
 //! * [`auth`] verifies tokens (JWT) into one [`auth::Principal`] and matches channel
 //!   permissions; the session and the HTTP layer enforce it. [`rate_limit`] holds the
@@ -33,6 +34,7 @@ pub mod access_log;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod commit;
 pub mod config;
 pub mod core;
 #[cfg(feature = "demo")]

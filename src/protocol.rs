@@ -287,6 +287,9 @@ pub enum ClientFrame<'a> {
         expected_last_id: Option<i64>,
         /// A repeat with the same key within the window stores nothing new.
         idempotency_key: Option<Cow<'a, str>>,
+        /// The client's name for this publish ([`check_ref`]): answered by an `ack` frame, and
+        /// carried by an error frame about it.
+        reference: Option<&'a RawValue>,
     },
     Ping,
     /// The handshake frame of a WebSocket opened without a token.
@@ -360,6 +363,40 @@ struct PublishBody<'a> {
     expected_last_id: Option<i64>,
     #[serde(default, borrow)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "ref")]
+    reference: Option<&'a RawValue>,
+}
+
+/// Longest `ref` accepted, in bytes of its JSON text.
+pub const MAX_REF_BYTES: usize = 128;
+
+/// A publish frame's `ref`: a JSON string or integer of at most [`MAX_REF_BYTES`], echoed as
+/// sent.
+pub fn check_ref(reference: &RawValue) -> Result<(), String> {
+    let text = reference.get();
+    let shape_ok = match text.as_bytes().first() {
+        Some(b'"') => true,
+        Some(b'-' | b'0'..=b'9') => text.bytes().skip(1).all(|b| b.is_ascii_digit()),
+        _ => false,
+    };
+    if !shape_ok || text.len() > MAX_REF_BYTES {
+        return Err(format!(
+            "`ref` must be a string or an integer of at most {MAX_REF_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// The valid `ref` of a frame that failed to parse otherwise, so its error can carry it.
+pub fn frame_ref(text: &str) -> Option<Box<RawValue>> {
+    #[derive(Deserialize)]
+    struct RefOnly<'a> {
+        #[serde(borrow, rename = "ref")]
+        reference: Option<&'a RawValue>,
+    }
+    let reference = serde_json::from_str::<RefOnly<'_>>(text).ok()?.reference?;
+    check_ref(reference).ok()?;
+    Some(reference.to_owned())
 }
 
 impl<'a> ClientFrame<'a> {
@@ -444,11 +481,18 @@ impl<'a> ClientFrame<'a> {
                             .to_owned(),
                     });
                 }
+                if let Some(reference) = b.reference {
+                    check_ref(reference).map_err(|reason| FrameError::InvalidFrame {
+                        ty: "publish",
+                        reason,
+                    })?;
+                }
                 Self::Publish {
                     channel: b.channel,
                     data: b.data,
                     expected_last_id: b.expected_last_id,
                     idempotency_key: b.idempotency_key,
+                    reference: b.reference,
                 }
             }
             "ping" => Self::Ping,
@@ -555,6 +599,7 @@ pub enum FrameKind {
     Pong,
     Gap,
     Error,
+    Ack,
     Authenticated,
     TokenExpiring,
 }
@@ -568,6 +613,7 @@ impl FrameKind {
             Self::Pong => "pong",
             Self::Gap => "gap",
             Self::Error => "error",
+            Self::Ack => "ack",
             Self::Authenticated => "authenticated",
             Self::TokenExpiring => "token_expiring",
         }
@@ -627,6 +673,20 @@ struct ErrorJson<'a> {
     ty: &'static str,
     code: &'a str,
     message: &'a str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct AckJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(rename = "ref")]
+    reference: &'a RawValue,
+    channel: &'a str,
+    id: i64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
 }
 
 #[derive(Serialize)]
@@ -749,12 +809,32 @@ impl ServerFrame {
 
     /// `{"type":"error","code":…,"message":…}`
     pub fn error(code: &str, message: &str) -> Self {
+        Self::error_for(code, message, None)
+    }
+
+    /// An error frame about the publish the client named `reference` (its `ref`), if any.
+    pub fn error_for(code: &str, message: &str, reference: Option<&RawValue>) -> Self {
         let json = ErrorJson {
             ty: "error",
             code,
             message,
+            reference,
         };
         encode(FrameKind::Error, &json, None)
+    }
+
+    /// `{"type":"ack","ref":…,"channel":…,"id":…}`: the publish named `ref` is committed at
+    /// offset `id` (`"replayed":true` when it repeated an idempotency key, and `id` is the
+    /// original's).
+    pub fn ack(reference: &RawValue, channel: &str, id: i64, replayed: bool) -> Self {
+        let json = AckJson {
+            ty: "ack",
+            reference,
+            channel,
+            id,
+            replayed,
+        };
+        encode(FrameKind::Ack, &json, None)
     }
 }
 
@@ -780,6 +860,10 @@ pub struct Envelope<'a> {
     /// Publish time in Unix microseconds (listener lag metric).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<i64>,
+    /// The publishing replica (a random id per process), which delivered the message to its own
+    /// subscribers already and drops this echo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<u64>,
 }
 
 /// Why a Redis payload was skipped.

@@ -91,15 +91,26 @@ impl RateLimits {
     /// One publish by `subject` (`None`: unauthenticated, which this limit does not key; the
     /// per-connection and per-address limits still apply).
     pub fn check_publish(&self, subject: Option<&str>) -> Result<(), Limited> {
+        self.check_publishes(subject, 1)
+    }
+
+    /// `n` publishes at once (a batch request) by `subject`: all of them, or none. A batch
+    /// larger than the burst (one second's worth) can never pass and is refused as such.
+    pub fn check_publishes(&self, subject: Option<&str>, n: usize) -> Result<(), Limited> {
         let (Some(limiter), Some(subject)) = (&self.per_subject, subject) else {
             return Ok(());
         };
-        limiter.check_key(&subject.to_owned()).map_err(|not_until| {
-            refused(
+        let cells =
+            NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        match limiter.check_key_n(&subject.to_owned(), cells) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(refused(
                 "publish_per_subject",
                 not_until.wait_time_from(self.clock.now()),
-            )
-        })
+            )),
+            // Waiting does not help: say so with the longest sensible wait.
+            Err(_) => Err(refused("publish_per_subject", Duration::from_secs(1))),
+        }
     }
 
     /// Whether `limits.http_per_ip` is on (callers skip resolving the address otherwise).

@@ -159,7 +159,16 @@ pub struct Session {
     warned: bool,
     /// `limits.publish_per_connection` (`None`: off).
     publish_limit: Option<ConnectionLimiter>,
+    /// Publishes waiting for their commit, answered in the order they were sent; boxed and
+    /// created on the first publish, so subscribe-only connections do not carry it.
+    publishes: Option<Box<Publishes>>,
 }
+
+/// The answers of in-flight publishes: an `ack` or error frame, or nothing (a publish without
+/// `ref` that succeeded).
+type Publishes = futures_util::stream::FuturesOrdered<
+    futures_util::future::BoxFuture<'static, Option<ServerFrame>>,
+>;
 
 impl Session {
     /// A session without authentication checks ([`Access::Open`]).
@@ -188,6 +197,7 @@ impl Session {
             auth_deadline: None,
             deadline_changed: false,
             warned: false,
+            publishes: None,
         };
         session.arm_auth_timer();
         session
@@ -396,7 +406,26 @@ impl Session {
 
     fn bad_frame(&mut self, frame: ServerFrame) {
         self.bad_frames += 1;
-        self.reply(frame);
+        self.answer_now(frame);
+    }
+
+    /// Reply after the answers of the publishes still in flight, so that a connection's
+    /// answers keep the order of its frames.
+    fn answer_now(&mut self, frame: ServerFrame) {
+        match &mut self.publishes {
+            Some(publishes) if !publishes.is_empty() => {
+                publishes.push_back(Box::pin(std::future::ready(Some(frame))));
+            }
+            _ => self.reply(frame),
+        }
+    }
+
+    /// Whether another frame may be read: not while `ws.max_publishes_in_flight` publishes
+    /// wait for their commit (the client's further frames wait in TCP: backpressure).
+    fn can_read(&self) -> bool {
+        self.publishes
+            .as_ref()
+            .is_none_or(|p| p.len() < self.state.settings.ws.max_publishes_in_flight)
     }
 
     /// Serve the connection until it ends. Dropping the session afterwards releases every
@@ -449,6 +478,9 @@ impl Session {
                     if let Err(end) = ready {
                         return end;
                     }
+                    if self.out.is_empty() {
+                        continue; // Only room to read again.
+                    }
                     let coalesce = self.state.settings.ws.coalesce_delay;
                     if !coalesce.is_zero() {
                         // Boxed so connections without coalescing do not carry the timer.
@@ -470,7 +502,7 @@ impl Session {
                         return end;
                     }
                 }
-                inbound = transport.recv() => match inbound {
+                inbound = transport.recv(), if self.can_read() => match inbound {
                     Inbound::Text(text) => {
                         self.traffic.frames_in += 1;
                         self.traffic.bytes_in += text.len() as u64;
@@ -543,7 +575,7 @@ impl Session {
             if self.read.is_none() {
                 self.read = self.start_read();
             }
-            if self.read.is_none() {
+            if self.read.is_none() && self.publishes.as_ref().is_none_or(|p| p.is_empty()) {
                 // The common case: nothing to read from history, only the outbox to wait for.
                 self.outbox.ready().await;
                 if self.outbox.drain_into(&mut self.queued) == Drained::Overflowed {
@@ -557,7 +589,18 @@ impl Session {
                         return Err(End::Close(close_code::SLOW_CONSUMER, "slow consumer"));
                     }
                 }
-                done = poll_read(&mut self.read) => {
+                // A publish's answer is a frame to send like any other.
+                Some(answer) = next_answer(&mut self.publishes) => {
+                    if let Some(frame) = answer {
+                        self.outbox.reply(frame);
+                    } else if self.publishes.as_ref().is_some_and(|p| {
+                        p.len() + 1 == self.state.settings.ws.max_publishes_in_flight
+                    }) {
+                        // Room for another publish: back to the event loop, which reads again.
+                        return Ok(());
+                    }
+                }
+                done = poll_read(&mut self.read), if self.read.is_some() => {
                     self.read = None;
                     self.finish_read(done);
                 }
@@ -615,7 +658,11 @@ impl Session {
         let frame = match ClientFrame::parse(text) {
             Ok(frame) => frame,
             Err(err) => {
-                self.bad_frame(ServerFrame::error(err.code(), &err.to_string()));
+                // An invalid publish's error names it by its `ref` when that much is readable.
+                let reference = crate::protocol::frame_ref(text);
+                let frame =
+                    ServerFrame::error_for(err.code(), &err.to_string(), reference.as_deref());
+                self.bad_frame(frame);
                 return Ok(());
             }
         };
@@ -636,16 +683,22 @@ impl Session {
                 data,
                 expected_last_id,
                 idempotency_key,
+                reference,
             } => {
+                let reference = reference.map(|r| r.to_owned());
                 if let Err(message) = self.authorise(Action::Publish, &channel) {
-                    self.reply(ServerFrame::error("forbidden", &message));
+                    let frame = ServerFrame::error_for("forbidden", &message, reference.as_deref());
+                    self.answer_now(frame);
                     return Ok(());
                 }
                 // Accepted while this replica has no broker connection, as over HTTP: once
                 // Postgres committed it the message is durable, and every replica's catch-up
                 // delivers it when Redis is back.
                 if let Some(Err(limited)) = self.publish_limit.as_ref().map(|l| l.check()) {
-                    self.reply(ServerFrame::error("rate_limited", &limited.to_string()));
+                    let message = limited.to_string();
+                    let frame =
+                        ServerFrame::error_for("rate_limited", &message, reference.as_deref());
+                    self.answer_now(frame);
                     return Ok(());
                 }
                 let subject = self.subject();
@@ -655,41 +708,70 @@ impl Session {
                     expected_last_id,
                     idempotency_key: idempotency_key.as_deref(),
                 };
-                match publish::publish(&self.state, message, subject).await {
-                    Ok(_) => {}
-                    Err(PublishError::RateLimited(limited)) => {
-                        self.reply(ServerFrame::error("rate_limited", &limited.to_string()));
+                // Waits only for room in the commit queue (publish.queue_wait): the commit
+                // itself is awaited beside the connection's other work.
+                match publish::submit(&self.state, message, subject).await {
+                    Err(err) => {
+                        let frame = publish_error_frame(&err, &channel, reference.as_deref());
+                        self.answer_now(frame);
                     }
-                    Err(err @ PublishError::ChannelLimit { .. }) => {
-                        self.reply(ServerFrame::error("channel_limit", &err.to_string()));
-                    }
-                    Err(err @ PublishError::Conflict { .. }) => {
-                        self.reply(ServerFrame::error("conflict", &err.to_string()));
-                    }
-                    Err(err @ PublishError::KeyReused { .. }) => {
-                        self.reply(ServerFrame::error(
-                            "idempotency_key_reused",
-                            &err.to_string(),
-                        ));
-                    }
-                    Err(PublishError::Store(err)) if err.is_data_rejected() => {
-                        self.reply(ServerFrame::error(
-                            "invalid_frame",
-                            "invalid `publish` frame: `data` cannot be stored",
-                        ));
-                    }
-                    Err(PublishError::Store(err)) => {
-                        tracing::warn!(%err, channel = &*channel, "publish over WebSocket failed");
-                        self.reply(ServerFrame::error(
-                            "unavailable",
-                            "publish failed: message store unavailable",
-                        ));
+                    Ok(pending) => {
+                        let channel: Box<str> = (*channel).into();
+                        let answer = async move {
+                            match pending.published().await {
+                                Ok(p) => reference
+                                    .map(|r| ServerFrame::ack(&r, &p.channel, p.id, p.replayed)),
+                                Err(err) => {
+                                    Some(publish_error_frame(&err, &channel, reference.as_deref()))
+                                }
+                            }
+                        };
+                        self.publishes
+                            .get_or_insert_default()
+                            .push_back(Box::pin(answer));
                     }
                 }
             }
-            ClientFrame::Ping => self.reply(ServerFrame::pong()),
+            // After the answers of earlier publishes: a ping is how a client knows they are done.
+            ClientFrame::Ping => self.answer_now(ServerFrame::pong()),
         }
         Ok(())
+    }
+}
+
+/// The error frame of a publish that failed.
+fn publish_error_frame(
+    err: &PublishError,
+    channel: &str,
+    reference: Option<&serde_json::value::RawValue>,
+) -> ServerFrame {
+    let (code, message) = match err {
+        PublishError::RateLimited(limited) => ("rate_limited", limited.to_string()),
+        PublishError::ChannelLimit { .. } => ("channel_limit", err.to_string()),
+        PublishError::Conflict { .. } => ("conflict", err.to_string()),
+        PublishError::KeyReused { .. } => ("idempotency_key_reused", err.to_string()),
+        PublishError::Store(store) if store.is_data_rejected() => (
+            "invalid_frame",
+            "invalid `publish` frame: `data` cannot be stored".to_owned(),
+        ),
+        PublishError::Unavailable(err) => ("unavailable", format!("publish refused: {err}")),
+        PublishError::Store(store) => {
+            tracing::warn!(err = %store, channel, "publish over WebSocket failed");
+            (
+                "unavailable",
+                "publish failed: message store unavailable".to_owned(),
+            )
+        }
+    };
+    ServerFrame::error_for(code, &message, reference)
+}
+
+/// The next answer of an in-flight publish; pending while there is none.
+async fn next_answer(publishes: &mut Option<Box<Publishes>>) -> Option<Option<ServerFrame>> {
+    use futures_util::StreamExt;
+    match publishes {
+        Some(publishes) if !publishes.is_empty() => publishes.next().await,
+        _ => std::future::pending().await,
     }
 }
 

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use crate::{
-    access_log::AccessLog, auth::Authenticator, config::Settings, history::HistoryReader,
-    lifecycle::Lifecycle, pubsub::PubSub, rate_limit::RateLimits, store::MessageStore,
+    access_log::AccessLog, auth::Authenticator, commit::Committer, config::Settings,
+    history::HistoryReader, lifecycle::Lifecycle, pubsub::PubSub, rate_limit::RateLimits,
+    store::MessageStore,
 };
 
 #[derive(Clone)]
@@ -18,6 +19,8 @@ pub struct AppState {
     /// Shared, bounded reads of history for delivery (replays, gap fills, head checks).
     pub history: HistoryReader,
     pub pubsub: PubSub,
+    /// The group commit every publish goes through.
+    pub committer: Committer,
     pub lifecycle: Lifecycle,
     pub access_log: AccessLog,
     /// Token verification with the configured keys (loaded once at startup).

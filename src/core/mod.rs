@@ -125,6 +125,9 @@ pub struct Stats {
     pub subscribers_gone: u64,
     /// Messages whose offset was delivered before.
     pub duplicates: u64,
+    /// This replica's own messages arriving a second time: handed over locally after the
+    /// commit, then echoed by the broker. Expected, so not duplicates.
+    pub echoes: u64,
     /// Holes declared gaps and handed to subscribers to fill.
     pub gaps: u64,
 }
@@ -512,6 +515,15 @@ impl<T: Subscriber> Core<T> {
             // Before the head is known nobody is subscribed yet.
             (State::Opening { .. }, _) => {}
         }
+    }
+
+    /// A message this replica committed, either handed over at once (local-first delivery) or
+    /// echoed by the broker: whichever comes second is dropped by offset as an echo.
+    pub fn own_message(&mut self, channel: &str, id: i64, frame: ServerFrame, now: Instant) {
+        let duplicates = self.stats.duplicates;
+        self.message(channel, Some(id), frame, now);
+        self.stats.echoes += self.stats.duplicates - duplicates;
+        self.stats.duplicates = duplicates;
     }
 
     fn sequenced(&mut self, channel: &str, id: i64, frame: ServerFrame, now: Instant) {

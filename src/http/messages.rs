@@ -31,14 +31,21 @@ use crate::{
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        std::sync::Arc::new(err).into()
+    }
+}
+
+/// A commit's error is shared by every publish of its batch.
+impl From<std::sync::Arc<StoreError>> for ApiError {
+    fn from(err: std::sync::Arc<StoreError>) -> Self {
         if err.is_data_rejected() {
             return Self::Validation("`data` cannot be stored".to_owned());
         }
-        match err {
+        match &*err {
             StoreError::Query(
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
             ) => Self::Unavailable("the message store is unavailable".to_owned()),
-            other => Self::internal(other),
+            _ => Self::internal(err.to_string()),
         }
     }
 }
@@ -50,6 +57,7 @@ impl From<PublishError> for ApiError {
             err @ PublishError::ChannelLimit { .. } => Self::ChannelLimit(err.to_string()),
             err @ PublishError::Conflict { .. } => Self::Conflict(err.to_string()),
             err @ PublishError::KeyReused { .. } => Self::KeyReused(err.to_string()),
+            PublishError::Unavailable(err) => Self::Unavailable(err.to_string()),
             PublishError::Store(err) => err.into(),
         }
     }

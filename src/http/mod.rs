@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod apidoc;
 pub mod auth;
+pub mod batch;
 pub mod error;
 pub mod health;
 pub mod limits;
@@ -44,7 +45,8 @@ pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(realtime::upgrade))
-        .routes(routes!(messages::list_messages, messages::publish_message));
+        .routes(routes!(messages::list_messages, messages::publish_message))
+        .routes(routes!(batch::publish_batch));
     #[cfg(feature = "sse")]
     let routes = routes.routes(routes!(realtime::stream));
     routes

@@ -499,7 +499,7 @@ proptest! {
         payload in prop::collection::vec(any::<u8>(), 0..48),
     ) {
         let raw = RawValue::from_string(data.to_string()).unwrap();
-        let env = Envelope { data: &raw, id, origin: origin.clone().map(Cow::Owned), traceparent: None, ts };
+        let env = Envelope { data: &raw, id, origin: origin.clone().map(Cow::Owned), traceparent: None, ts, replica: None };
         let text = env.encode();
         let back = Envelope::parse(text.as_bytes()).unwrap();
         prop_assert_eq!(back.data.get(), raw.get());

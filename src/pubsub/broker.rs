@@ -79,29 +79,37 @@ impl Publisher {
         }
     }
 
-    /// PUBLISH `payload` to the full channel name `channel`.
-    pub async fn publish(&self, channel: String, payload: String) -> Result<(), PubSubError> {
+    /// PUBLISH each `(channel, payload)` (full channel names), in order: to Redis as one
+    /// pipeline, one round trip for the whole batch.
+    pub async fn publish_all(&self, messages: Vec<(String, String)>) -> Result<(), PubSubError> {
         match self {
             Self::Redis(manager) => {
                 let mut conn = manager.clone();
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(channel).arg(payload);
-                cmd.query_async::<i64>(&mut conn).await?;
+                let mut pipe = redis::pipe();
+                for (channel, payload) in messages {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await?;
                 Ok(())
             }
             Self::Memory(queue) => {
-                let message = MemoryMessage { channel, payload };
-                match queue.try_send(message) {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Full(message)) => {
-                        metrics::counter!("relay_memory_broker_full_total").increment(1);
-                        queue
-                            .send(message)
-                            .await
-                            .map_err(|_| PubSubError::ListenerStopped)
+                for (channel, payload) in messages {
+                    let message = MemoryMessage { channel, payload };
+                    match queue.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(message)) => {
+                            metrics::counter!("relay_memory_broker_full_total").increment(1);
+                            queue
+                                .send(message)
+                                .await
+                                .map_err(|_| PubSubError::ListenerStopped)?;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Err(PubSubError::ListenerStopped);
+                        }
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(PubSubError::ListenerStopped),
                 }
+                Ok(())
             }
         }
     }

@@ -36,7 +36,7 @@ use crate::{
 };
 
 use super::{
-    PubSubError,
+    CommittedMessage, PubSubError,
     broker::{Incoming, Sink, Source, Stream},
     outbox::SessionOutbox,
 };
@@ -83,6 +83,9 @@ pub enum Event {
         ok: bool,
     },
     Heads(Vec<(Arc<str>, Option<i64>)>),
+    /// Messages this replica just committed: delivered to local subscribers at once, without
+    /// the round trip through the broker (whose echo is then dropped by offset).
+    Committed(Arc<[CommittedMessage]>),
     /// Test hook: make the core task panic, to prove supervision.
     Panic,
 }
@@ -115,6 +118,7 @@ pub fn start(
     settings: RedisSettings,
     core: CoreSettings,
     history: HistoryReader,
+    replica: u64,
     lifecycle: &Lifecycle,
 ) -> Listener {
     let (inbox, inbox_rx) = mpsc::channel(INBOX);
@@ -128,6 +132,7 @@ pub fn start(
         heads,
         backlog: VecDeque::new(),
         prefix: settings.channel_prefix.clone(),
+        replica,
         invalid_payloads: RateLimitedWarning::new(Duration::from_secs(10)),
         lifecycle: lifecycle.clone(),
     };
@@ -172,6 +177,8 @@ struct CoreTask {
     /// Actions the I/O queues had no room for yet; at most a few per channel.
     backlog: VecDeque<Action>,
     prefix: String,
+    /// This replica's id in envelopes: its own messages come back as echoes.
+    replica: u64,
     invalid_payloads: RateLimitedWarning,
     lifecycle: Lifecycle,
 }
@@ -251,6 +258,14 @@ impl CoreTask {
                 }
             }
             Event::Heads(heads) => self.core.heads(heads, now),
+            Event::Committed(messages) => {
+                for m in messages.iter() {
+                    if self.core.is_tracked(&m.channel) {
+                        let frame = ServerFrame::message(&m.channel, &m.data, Some(m.id));
+                        self.core.own_message(&m.channel, m.id, frame, now);
+                    }
+                }
+            }
             Event::Panic => panic!("test hook: pub/sub core panic requested"),
         }
     }
@@ -290,7 +305,12 @@ impl CoreTask {
         });
         let _entered = span.as_ref().map(tracing::Span::enter);
         let frame = ServerFrame::message(channel, envelope.data, id);
-        self.core.message(channel, id, frame, now);
+        match id {
+            Some(id) if envelope.replica == Some(self.replica) => {
+                self.core.own_message(channel, id, frame, now);
+            }
+            _ => self.core.message(channel, id, frame, now),
+        }
     }
 
     /// Hand the core's I/O requests to the broker and heads tasks, never waiting.
@@ -336,6 +356,9 @@ fn record(stats: Stats) {
     }
     if stats.gaps > 0 {
         metrics::counter!("relay_gaps_declared_total").increment(stats.gaps);
+    }
+    if stats.echoes > 0 {
+        metrics::counter!("relay_own_echoes_total").increment(stats.echoes);
     }
 }
 

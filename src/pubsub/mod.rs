@@ -28,11 +28,12 @@ use listener::Event;
 pub use listener::ListenerStatus;
 pub use outbox::SessionOutbox;
 
-/// Committed messages waiting for their PUBLISH. When full, further ones are not published and
-/// are counted: they are durable, and every replica's periodic head check delivers them.
-const PUBLISH_QUEUE: usize = 8192;
-/// PUBLISHes in flight at once (pipelined on the shared connection).
-const PUBLISH_IN_FLIGHT: usize = 64;
+/// Committed batches waiting for their PUBLISH (each at most `publish.commit_max_messages`).
+/// When full, further ones are not published and are counted: they are durable, and every
+/// replica's periodic head check delivers them.
+const PUBLISH_QUEUE: usize = 1024;
+/// Batches being PUBLISHed at once, each as one pipeline on the shared connection.
+const PUBLISH_IN_FLIGHT: usize = 16;
 /// Attempts per message, with exponential backoff from 100 ms.
 const PUBLISH_ATTEMPTS: u32 = 6;
 
@@ -59,11 +60,13 @@ impl From<redis::RedisError> for PubSubError {
 #[derive(Clone)]
 pub struct PubSub {
     inbox: mpsc::Sender<Event>,
-    committed: mpsc::Sender<Committed>,
+    committed: mpsc::Sender<Arc<[CommittedMessage]>>,
     status: Arc<ListenerStatus>,
     publisher: broker::Publisher,
     prefix: Arc<str>,
     command_timeout: Duration,
+    /// This replica's id in its envelopes (see [`Envelope::replica`]).
+    replica: u64,
     lifecycle: Lifecycle,
 }
 
@@ -84,7 +87,9 @@ impl PubSub {
                 .set_number_of_retries(1)
                 .set_max_delay(settings.reconnect_max_delay),
         )?;
-        let listener = listener::start(source, settings.clone(), core, history, lifecycle);
+        // Random per process, below 2^53 so that every JSON reader keeps it exact.
+        let replica = fastrand::u64(..1 << 53);
+        let listener = listener::start(source, settings.clone(), core, history, replica, lifecycle);
         let (committed, committed_rx) = mpsc::channel(PUBLISH_QUEUE);
         let pubsub = Self {
             inbox: listener.inbox,
@@ -93,6 +98,7 @@ impl PubSub {
             publisher,
             prefix: settings.channel_prefix.as_str().into(),
             command_timeout: settings.command_timeout,
+            replica,
             lifecycle: lifecycle.clone(),
         };
         lifecycle.spawn_critical(
@@ -165,52 +171,51 @@ impl PubSub {
         }
     }
 
-    /// PUBLISH the envelope `{"data":…,"id":…}` to the channel on every replica (`id` only for
-    /// committed messages, which are then marked as relay's own).
-    pub async fn publish(
-        &self,
-        channel: &str,
-        data: &RawValue,
-        id: Option<i64>,
-    ) -> Result<(), PubSubError> {
-        let payload = Envelope {
+    /// The envelope of a committed message.
+    fn envelope(&self, data: &RawValue, id: i64, traceparent: Option<&str>) -> String {
+        Envelope {
             data,
-            id,
-            origin: id.map(|_| crate::protocol::RELAY_ORIGIN.into()),
-            traceparent: otel::traceparent(&tracing::Span::current()).map(Into::into),
+            id: Some(id),
+            origin: Some(crate::protocol::RELAY_ORIGIN.into()),
+            traceparent: traceparent.map(Into::into),
             ts: Some(chrono::Utc::now().timestamp_micros()),
+            replica: Some(self.replica),
         }
-        .encode();
-        let redis_channel = format!("{}{}", self.prefix, channel);
-        let publish = self.publisher.publish(redis_channel, payload);
-        tokio::time::timeout(self.command_timeout, publish)
-            .await
-            .map_err(|_| PubSubError::Timeout)??;
-        metrics::counter!("relay_messages_published_total").increment(1);
-        Ok(())
+        .encode()
     }
 
-    /// Hand a committed message to the service's publisher task. Never waits, and the request
-    /// that committed it may go away now (timeout, client disconnect): the PUBLISH belongs to the
-    /// service. If the queue is full the message is counted and left to the head checks.
-    pub fn publish_committed(&self, channel: &str, data: &RawValue, id: i64) {
-        let job = Committed {
-            channel: channel.into(),
-            data: data.to_owned(),
-            id,
-            traceparent: otel::traceparent(&tracing::Span::current()),
-        };
-        let reason = match self.committed.try_send(job) {
+    /// Deliver committed messages: to this replica's subscribers at once (local-first), and to
+    /// every other replica through the publisher task. Never waits, and the request that
+    /// committed them may go away now (timeout, client disconnect): delivery belongs to the
+    /// service. What finds a queue full is counted and left to the broker's echo or the head
+    /// checks: durable, so delivered late, never lost.
+    pub fn publish_batch(&self, messages: Vec<CommittedMessage>) {
+        let messages: Arc<[CommittedMessage]> = messages.into();
+        match self.inbox.try_send(Event::Committed(Arc::clone(&messages))) {
+            // Embedded mode: there is no other replica, and the broker would only echo.
+            Ok(()) if self.publisher.backend() == "memory" => return,
+            Ok(()) => {}
+            Err(err) => {
+                let reason = match err {
+                    mpsc::error::TrySendError::Full(_) => "queue_full",
+                    mpsc::error::TrySendError::Closed(_) => "shutting_down",
+                };
+                metrics::counter!("relay_local_delivery_skipped_total", "reason" => reason)
+                    .increment(messages.len() as u64);
+            }
+        }
+        let n = messages.len() as u64;
+        let reason = match self.committed.try_send(messages) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(_)) => "queue_full",
             Err(mpsc::error::TrySendError::Closed(_)) => "shutting_down",
         };
-        metrics::counter!("relay_publish_abandoned_total", "reason" => reason).increment(1);
+        metrics::counter!("relay_publish_abandoned_total", "reason" => reason).increment(n);
     }
 
-    /// The publisher task: PUBLISH committed messages, up to [`PUBLISH_IN_FLIGHT`] at once, each
-    /// retried with backoff.
-    async fn publish_committed_loop(self, mut jobs: mpsc::Receiver<Committed>) {
+    /// The publisher task: PUBLISH committed batches, up to [`PUBLISH_IN_FLIGHT`] at once, each
+    /// as one pipeline, retried with backoff.
+    async fn publish_committed_loop(self, mut jobs: mpsc::Receiver<Arc<[CommittedMessage]>>) {
         let mut in_flight = FuturesUnordered::new();
         loop {
             let room = in_flight.len() < PUBLISH_IN_FLIGHT;
@@ -227,19 +232,39 @@ impl PubSub {
         tracing::debug!(left = in_flight.len() + jobs.len(), "publisher stopped");
     }
 
-    async fn publish_with_retries(&self, job: Committed) {
-        let span = tracing::info_span!("republish", channel = &*job.channel, id = job.id);
-        if let Some(traceparent) = &job.traceparent {
+    async fn publish_with_retries(&self, batch: Arc<[CommittedMessage]>) {
+        let first = &batch[0];
+        let span = tracing::info_span!(
+            "republish",
+            channel = &*first.channel,
+            id = first.id,
+            messages = batch.len()
+        );
+        if let Some(traceparent) = &first.traceparent {
             otel::set_parent_from_traceparent(&span, traceparent);
         }
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=PUBLISH_ATTEMPTS {
-            let published = tracing::Instrument::instrument(
-                self.publish(&job.channel, &job.data, Some(job.id)),
-                span.clone(),
-            );
-            match published.await {
-                Ok(()) => return,
+            // Each envelope is stamped when sent, so the lag metric counts the retries.
+            let commands: Vec<(String, String)> = batch
+                .iter()
+                .map(|m| {
+                    let payload = self.envelope(&m.data, m.id, m.traceparent.as_deref());
+                    (format!("{}{}", self.prefix, m.channel), payload)
+                })
+                .collect();
+            let published =
+                tokio::time::timeout(self.command_timeout, self.publisher.publish_all(commands));
+            let result = match tracing::Instrument::instrument(published, span.clone()).await {
+                Ok(result) => result,
+                Err(_) => Err(PubSubError::Timeout),
+            };
+            match result {
+                Ok(()) => {
+                    metrics::counter!("relay_messages_published_total")
+                        .increment(batch.len() as u64);
+                    return;
+                }
                 Err(err) => {
                     metrics::counter!("relay_publish_failures_total").increment(1);
                     // Retry only a blip of the publishing connection. While the listener is
@@ -255,8 +280,8 @@ impl PubSub {
                     };
                     if let Some(reason) = reason {
                         metrics::counter!("relay_publish_abandoned_total", "reason" => reason)
-                            .increment(1);
-                        tracing::debug!(%err, channel = &*job.channel, id = job.id, reason, "PUBLISH abandoned; subscribers get it through the head checks");
+                            .increment(batch.len() as u64);
+                        tracing::debug!(%err, messages = batch.len(), reason, "PUBLISH abandoned; subscribers get it through the head checks");
                         return;
                     }
                     tracing::debug!(%err, attempt, "PUBLISH after commit failed; retrying");
@@ -295,11 +320,12 @@ impl PubSub {
     }
 }
 
-/// A committed message waiting for its PUBLISH.
-struct Committed {
-    channel: Box<str>,
-    data: Box<RawValue>,
-    id: i64,
+/// A message this replica committed, on its way to delivery.
+#[derive(Debug)]
+pub struct CommittedMessage {
+    pub channel: Box<str>,
+    pub data: Box<RawValue>,
+    pub id: i64,
     /// The publish request's trace, so late PUBLISHes stay in it.
-    traceparent: Option<String>,
+    pub traceparent: Option<String>,
 }

@@ -14,7 +14,10 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::messages::{AppendOptions, Appended, ChannelPosition, StoredMessage};
+use super::{
+    batch::{self, Earlier, NewMessage, Rules},
+    messages::{AppendOptions, Appended, ChannelPosition, StoredMessage},
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryLog {
@@ -76,6 +79,43 @@ impl Inner {
     }
 }
 
+/// The log as [`batch::plan`] sees it, with keys older than `since` forgotten.
+struct View<'a> {
+    inner: &'a Inner,
+    since: DateTime<Utc>,
+}
+
+impl batch::Lookup for View<'_> {
+    fn channel(&self, name: &str) -> (i64, bool) {
+        match self.inner.channels.get(name) {
+            Some(log) => (log.last_offset, true),
+            None => (self.inner.floor(name), false),
+        }
+    }
+
+    fn created_by(&self, creator: &str) -> u64 {
+        self.inner
+            .created
+            .get(creator)
+            .copied()
+            .map_or(0, u64::from)
+    }
+
+    fn earlier(&self, _: usize, message: &NewMessage) -> Option<Earlier> {
+        let key = message.idempotency_key.as_deref()?;
+        let used = self
+            .inner
+            .keys
+            .get(&(message.channel.to_string(), key.to_owned()))
+            .filter(|k| k.created_at > self.since)?;
+        Some(Earlier {
+            offset: used.offset,
+            created_at: used.created_at,
+            same_data: used.digest == digest(&message.data),
+        })
+    }
+}
+
 impl MemoryLog {
     pub fn new(max_per_channel: i64) -> Self {
         Self {
@@ -90,83 +130,87 @@ impl MemoryLog {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Append with the next offset, as [`super::messages::append`] does: within `creator`'s
-    /// `max_channels` (0: no quota), and only if the channel stands at `expected` when given.
+    /// Append with the next offset, as `options` allow: a batch of one.
     pub fn append(&self, channel: &str, data: &RawValue, options: AppendOptions<'_>) -> Appended {
-        let AppendOptions {
-            creator,
-            max_channels,
-            expected_last_id: expected,
-            idempotency,
-        } = options;
+        let (message, rules) = options.into_batch(channel, data);
+        self.append_batch(&[message], &[1], rules)
+            .pop()
+            .unwrap_or(Appended::Aborted)
+    }
+
+    /// Commit a batch as [`super::messages::append_batch`] does, deciding it with the same
+    /// [`batch::plan`], under the one lock.
+    pub fn append_batch(
+        &self,
+        messages: &[NewMessage],
+        group_sizes: &[usize],
+        rules: Rules,
+    ) -> Vec<Appended> {
         let mut inner = self.lock();
         let now = Utc::now();
-        let key = idempotency.map(|(key, window)| {
-            let since = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
-            ((channel.to_owned(), key.to_owned()), since)
-        });
-        if let Some((key, since)) = &key
-            && let Some(earlier) = inner.keys.get(key).filter(|k| k.created_at > *since)
-        {
-            return if earlier.digest == digest(data) {
-                Appended::Replayed {
-                    offset: earlier.offset,
-                    created_at: earlier.created_at,
-                }
-            } else {
-                Appended::KeyReused
+        let window =
+            chrono::Duration::from_std(rules.idempotency_window).unwrap_or(chrono::Duration::MAX);
+        let since = now
+            .checked_sub_signed(window)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let plan = batch::plan(
+            messages,
+            group_sizes,
+            &View {
+                inner: &inner,
+                since,
+            },
+            rules,
+            now,
+        );
+        let inner = &mut *inner;
+        for write in &plan.channels {
+            if write.previous.is_none() {
+                *inner.created.entry(write.creator.to_string()).or_default() += 1;
+            }
+            let log = inner
+                .channels
+                .entry(write.name.to_string())
+                .or_insert_with(|| ChannelLog {
+                    last_offset: 0,
+                    created_by: write.creator.to_string(),
+                    messages: VecDeque::new(),
+                });
+            log.last_offset = write.last_offset;
+        }
+        let keyed = plan
+            .rows
+            .iter()
+            .any(|&(i, _)| messages[i].idempotency_key.is_some());
+        if keyed && inner.keys.len() >= inner.sweep_keys_at {
+            inner.keys.retain(|_, k| k.created_at > since);
+            inner.sweep_keys_at = (inner.keys.len() * 2).max(1024);
+        }
+        for &(index, offset) in &plan.rows {
+            let message = &messages[index];
+            let Some(log) = inner.channels.get_mut(&*message.channel) else {
+                continue; // Written above, under the same lock.
             };
-        }
-        let last_offset = inner
-            .channels
-            .get(channel)
-            .map_or_else(|| inner.floor(channel), |log| log.last_offset);
-        if expected.is_some_and(|e| e != last_offset) {
-            return Appended::Conflict { last_offset };
-        }
-        let exists = inner.channels.contains_key(channel);
-        if !exists {
-            let created = inner.created.get(creator).copied().unwrap_or(0);
-            if max_channels > 0 && created >= max_channels {
-                return Appended::ChannelLimit;
-            }
-            *inner.created.entry(creator.to_owned()).or_default() += 1;
-        }
-        let log = inner
-            .channels
-            .entry(channel.to_owned())
-            .or_insert_with(|| ChannelLog {
-                last_offset,
-                created_by: creator.to_owned(),
-                messages: VecDeque::new(),
+            log.messages.push_back(StoredMessage {
+                offset,
+                data: message.data.clone(),
+                created_at: now,
             });
-        log.last_offset += 1;
-        let offset = log.last_offset;
-        let created_at = now;
-        log.messages.push_back(StoredMessage {
-            offset,
-            data: data.to_owned(),
-            created_at,
-        });
-        while log.messages.len() > self.max_per_channel {
-            log.messages.pop_front();
-        }
-        if let Some((key, since)) = key {
-            if inner.keys.len() >= inner.sweep_keys_at {
-                inner.keys.retain(|_, k| k.created_at > since);
-                inner.sweep_keys_at = (inner.keys.len() * 2).max(1024);
+            while log.messages.len() > self.max_per_channel {
+                log.messages.pop_front();
             }
-            let digest = digest(data);
-            inner.keys.insert(
-                key,
-                KeyUse {
+            if let Some(key) = &message.idempotency_key {
+                let key_use = KeyUse {
                     offset,
-                    created_at,
-                    digest,
-                },
-            );
+                    created_at: now,
+                    digest: digest(&message.data),
+                };
+                inner
+                    .keys
+                    .insert((message.channel.to_string(), key.to_string()), key_use);
+            }
         }
-        Appended::Stored { offset, created_at }
+        plan.outcomes
     }
 
     /// Remove up to `batch` channels without messages, keeping their last offset as their

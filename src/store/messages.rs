@@ -1,10 +1,16 @@
-//! The per-channel message log: append with a gapless offset, read ranges, prune.
+//! The per-channel message log in Postgres: append batches with gapless offsets, read ranges,
+//! prune.
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
+use std::collections::HashMap;
+
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::StoreError;
+use super::{
+    StoreError,
+    batch::{self, Earlier, NewMessage, Rules},
+};
 
 /// A message as stored.
 #[derive(Debug, Clone)]
@@ -42,6 +48,8 @@ pub enum Appended {
     },
     /// The idempotency key was used within the window for other data.
     KeyReused,
+    /// Another publish of its group was refused, so none of the group was stored.
+    Aborted,
 }
 
 /// What makes an append conditional or idempotent.
@@ -56,117 +64,252 @@ pub struct AppendOptions<'a> {
     pub idempotency: Option<(&'a str, std::time::Duration)>,
 }
 
-/// Append `data` to `channel`: its next offset, unless the channel is new and the creator
-/// already has `max_channels` channels (0: no quota), or `expected_last_id` is given and is not
-/// the channel's last offset (compare-and-publish), or the idempotency key was used within its
-/// window (the original is returned, or [`Appended::KeyReused`] for other data).
-///
-/// One statement, so one transaction: the channel row's counter is incremented under its row
-/// lock (serialising publishers of that channel across all replicas) and the message inserted
-/// with the new value. A failure rolls both back, so offsets never skip. The expectation is
-/// checked under that same lock, so of concurrent publishers expecting the same offset exactly
-/// one wins. A new channel starts after its bucket's floor (see the `channel_floors`
-/// migration); the floor row is read `FOR SHARE`, so the newest committed floor is used even if
-/// retention raised it while this statement ran.
-///
-/// The quota is a count, not a lock: concurrent creations by one subject can each see room and
-/// overshoot it by at most their number, which keeps the bound without serialising creators.
-pub async fn append(
-    pool: &PgPool,
-    channel: &str,
-    data: &RawValue,
-    options: AppendOptions<'_>,
-) -> Result<Appended, StoreError> {
-    let Some((key, window)) = options.idempotency else {
-        let mut conn = pool.acquire().await?;
-        return append_on(&mut conn, channel, data, options, None).await;
-    };
-    // Keyed publishes of one channel take turns (an advisory lock, released at commit), so the
-    // look-up and the append see every earlier publish with the key, on any replica — also for
-    // a channel that does not exist yet and has no row to lock.
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7243))")
-        .bind(channel)
-        .execute(&mut *tx)
-        .await?;
-    let earlier = sqlx::query(
-        r#"
-        SELECT "offset", created_at, data = $3::text::jsonb AS same FROM messages
-        WHERE channel = $1 AND idempotency_key = $2
-          AND created_at > now() - $4 * interval '1 millisecond'
-        ORDER BY "offset" DESC LIMIT 1
-        "#,
-    )
-    .bind(channel)
-    .bind(key)
-    .bind(data.get())
-    .bind(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let appended = match earlier {
-        Some(row) if row.try_get::<bool, _>("same")? => Appended::Replayed {
-            offset: row.try_get("offset")?,
-            created_at: row.try_get("created_at")?,
-        },
-        Some(_) => Appended::KeyReused,
-        None => append_on(&mut tx, channel, data, options, Some(key)).await?,
-    };
-    tx.commit().await?;
-    Ok(appended)
+impl AppendOptions<'_> {
+    /// The same append as a batch of one.
+    pub fn into_batch(self, channel: &str, data: &RawValue) -> (NewMessage, Rules) {
+        let message = NewMessage {
+            channel: channel.into(),
+            data: data.to_owned(),
+            creator: self.creator.into(),
+            expected_last_id: self.expected_last_id,
+            idempotency_key: self.idempotency.map(|(key, _)| key.into()),
+        };
+        let rules = Rules {
+            max_channels: self.max_channels,
+            idempotency_window: self.idempotency.map(|(_, w)| w).unwrap_or_default(),
+        };
+        (message, rules)
+    }
 }
 
-async fn append_on(
-    conn: &mut PgConnection,
-    channel: &str,
-    data: &RawValue,
-    options: AppendOptions<'_>,
-    key: Option<&str>,
-) -> Result<Appended, StoreError> {
-    let row = sqlx::query(
+/// Append a batch of messages (see [`super::batch`] for groups and rules), in one transaction:
+///
+/// 1. lock every channel of the batch, one advisory lock per name taken in a fixed order (so
+///    batches never deadlock each other), which serialises the writers of a channel across all
+///    replicas — also of one that does not exist yet and has no row to lock;
+/// 2. read how those channels stand (and, when needed, the creators' channel counts and the
+///    earlier publishes of idempotency keys);
+/// 3. let [`batch::plan`] decide;
+/// 4. write every channel's new last offset and every message in one statement.
+///
+/// `ordered` is called once the locks are held: from then on, a batch started later commits
+/// after this one in every channel they share (the group committer starts the next batch then).
+///
+/// Nothing is written unless it all commits, so offsets never skip. The write re-checks each
+/// channel's last offset against what was read: a writer that did not take the lock (a replica
+/// of an older version during a rolling upgrade) makes the batch fail instead of corrupting a
+/// channel.
+pub async fn append_batch(
+    pool: &PgPool,
+    messages: &[NewMessage],
+    group_sizes: &[usize],
+    rules: Rules,
+    ordered: impl FnOnce(),
+) -> Result<Vec<Appended>, StoreError> {
+    let mut names: Vec<&str> = messages.iter().map(|m| &*m.channel).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
         r#"
-        WITH bumped AS (
-            UPDATE channels SET last_offset = last_offset + 1
-            WHERE name = $1 AND ($5::bigint IS NULL OR last_offset = $5)
-            RETURNING last_offset
-        ), floor AS (
-            SELECT floor FROM channel_floors WHERE bucket = channel_bucket($1) FOR SHARE
-        ), created AS (
-            INSERT INTO channels (name, last_offset, created_by)
-            SELECT $1, (SELECT floor FROM floor) + 1, $3
-            WHERE NOT EXISTS (SELECT 1 FROM bumped)
-              AND ($5::bigint IS NULL OR $5 = (SELECT floor FROM floor))
-              AND ($4 = 0 OR (SELECT count(*) FROM channels WHERE created_by = $3) < $4)
-            ON CONFLICT (name) DO UPDATE SET last_offset = channels.last_offset + 1
-                WHERE $5::bigint IS NULL OR channels.last_offset = $5
-            RETURNING last_offset
-        ), next AS (
-            SELECT last_offset FROM bumped UNION ALL SELECT last_offset FROM created
-        )
-        INSERT INTO messages (channel, "offset", data, idempotency_key)
-        SELECT $1, last_offset, $2::text::jsonb, $6 FROM next
-        RETURNING "offset", created_at
+        SELECT pg_advisory_xact_lock(k) FROM (
+            SELECT DISTINCT hashtextextended(name, 7243) AS k FROM unnest($1::text[]) AS name
+            ORDER BY k
+        ) AS keys
         "#,
     )
-    .bind(channel)
-    .bind(data.get())
-    .bind(options.creator)
-    .bind(i64::from(options.max_channels))
-    .bind(options.expected_last_id)
-    .bind(key)
-    .fetch_optional(&mut *conn)
+    .bind(&names)
+    .execute(&mut *tx)
     .await?;
-    if let Some(row) = row {
-        return Ok(Appended::Stored {
-            offset: row.try_get("offset")?,
-            created_at: row.try_get("created_at")?,
-        });
+    // Every later batch of these channels now queues behind this one.
+    ordered();
+    // A new statement after the locks, so its snapshot sees every commit made before them.
+    let rows = sqlx::query(
+        r#"
+        SELECT q.name, c.last_offset, COALESCE(f.floor, 0) AS floor, now() AS now
+        FROM unnest($1::text[]) AS q(name)
+        LEFT JOIN channels c ON c.name = q.name
+        LEFT JOIN channel_floors f ON f.bucket = channel_bucket(q.name)
+        "#,
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut lookup = Prefetched::default();
+    let mut now = Utc::now();
+    for row in rows {
+        let name: String = row.try_get("name")?;
+        let last: Option<i64> = row.try_get("last_offset")?;
+        let floor: i64 = row.try_get("floor")?;
+        now = row.try_get("now")?;
+        lookup
+            .channels
+            .insert(name, (last.unwrap_or(floor), last.is_some()));
     }
-    // Nothing was written; say why. The statement above decided; this only explains it.
-    let last_offset = position_on(conn, channel).await?.last_offset;
-    Ok(match options.expected_last_id {
-        Some(expected) if expected != last_offset => Appended::Conflict { last_offset },
-        _ => Appended::ChannelLimit,
-    })
+    if rules.max_channels > 0 {
+        let creators: Vec<&str> = messages
+            .iter()
+            .filter(|m| lookup.channels.get(&*m.channel).is_some_and(|c| !c.1))
+            .map(|m| &*m.creator)
+            .collect();
+        if !creators.is_empty() {
+            let rows = sqlx::query(
+                "SELECT created_by, count(*) AS n FROM channels WHERE created_by = ANY($1) \
+                 GROUP BY created_by",
+            )
+            .bind(&creators)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let n: i64 = row.try_get("n")?;
+                lookup
+                    .created
+                    .insert(row.try_get("created_by")?, n.unsigned_abs());
+            }
+        }
+    }
+    let keyed: Vec<usize> = (0..messages.len())
+        .filter(|&i| messages[i].idempotency_key.is_some())
+        .collect();
+    if !keyed.is_empty() {
+        let rows = sqlx::query(
+            r#"
+            SELECT q.i, m."offset", m.created_at, m.data = q.data::jsonb AS same
+            FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS q(i, channel, key, data)
+            CROSS JOIN LATERAL (
+                SELECT "offset", created_at, data FROM messages
+                WHERE channel = q.channel AND idempotency_key = q.key
+                  AND created_at > now() - $5 * interval '1 millisecond'
+                ORDER BY "offset" DESC LIMIT 1
+            ) AS m
+            "#,
+        )
+        .bind(keyed.iter().map(|&i| i as i64).collect::<Vec<_>>())
+        .bind(
+            keyed
+                .iter()
+                .map(|&i| &*messages[i].channel)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keyed
+                .iter()
+                .map(|&i| messages[i].idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            keyed
+                .iter()
+                .map(|&i| messages[i].data.get())
+                .collect::<Vec<_>>(),
+        )
+        .bind(i64::try_from(rules.idempotency_window.as_millis()).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let index: i64 = row.try_get("i")?;
+            let earlier = Earlier {
+                offset: row.try_get("offset")?,
+                created_at: row.try_get("created_at")?,
+                same_data: row.try_get("same")?,
+            };
+            lookup.earlier.insert(index as usize, earlier);
+        }
+    }
+    let plan = batch::plan(messages, group_sizes, &lookup, rules, now);
+    if !plan.rows.is_empty() {
+        write(&mut tx, messages, &plan).await?;
+    }
+    tx.commit().await?;
+    Ok(plan.outcomes)
+}
+
+/// The one write statement of a batch.
+async fn write(
+    conn: &mut PgConnection,
+    messages: &[NewMessage],
+    plan: &batch::Plan,
+) -> Result<(), StoreError> {
+    let (existing, new): (Vec<_>, Vec<_>) =
+        plan.channels.iter().partition(|c| c.previous.is_some());
+    let row = sqlx::query(
+        r#"
+        WITH updated AS (
+            UPDATE channels c SET last_offset = u.last_offset
+            FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(name, previous, last_offset)
+            WHERE c.name = u.name AND c.last_offset = u.previous
+            RETURNING 1
+        ), created AS (
+            INSERT INTO channels (name, last_offset, created_by)
+            SELECT * FROM unnest($4::text[], $5::int8[], $6::text[])
+            ON CONFLICT (name) DO NOTHING
+            RETURNING 1
+        ), inserted AS (
+            INSERT INTO messages (channel, "offset", data, idempotency_key)
+            SELECT m.channel, m.o, m.data::jsonb, m.key
+            FROM unnest($7::text[], $8::int8[], $9::text[], $10::text[]) AS m(channel, o, data, key)
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM created) AS created
+        "#,
+    )
+    .bind(existing.iter().map(|c| &*c.name).collect::<Vec<_>>())
+    .bind(existing.iter().map(|c| c.previous).collect::<Vec<_>>())
+    .bind(existing.iter().map(|c| c.last_offset).collect::<Vec<_>>())
+    .bind(new.iter().map(|c| &*c.name).collect::<Vec<_>>())
+    .bind(new.iter().map(|c| c.last_offset).collect::<Vec<_>>())
+    .bind(new.iter().map(|c| &*c.creator).collect::<Vec<_>>())
+    .bind(
+        plan.rows
+            .iter()
+            .map(|&(i, _)| &*messages[i].channel)
+            .collect::<Vec<_>>(),
+    )
+    .bind(plan.rows.iter().map(|&(_, o)| o).collect::<Vec<_>>())
+    .bind(
+        plan.rows
+            .iter()
+            .map(|&(i, _)| messages[i].data.get())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        plan.rows
+            .iter()
+            .map(|&(i, _)| messages[i].idempotency_key.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let updated: i64 = row.try_get("updated")?;
+    let created: i64 = row.try_get("created")?;
+    if updated.unsigned_abs() as usize != existing.len()
+        || created.unsigned_abs() as usize != new.len()
+    {
+        return Err(StoreError::Contended);
+    }
+    Ok(())
+}
+
+/// What [`try_append_batch`] read, for [`batch::plan`].
+#[derive(Debug, Default)]
+struct Prefetched {
+    channels: HashMap<String, (i64, bool)>,
+    created: HashMap<String, u64>,
+    earlier: HashMap<usize, Earlier>,
+}
+
+impl batch::Lookup for Prefetched {
+    fn channel(&self, name: &str) -> (i64, bool) {
+        self.channels.get(name).copied().unwrap_or((0, false))
+    }
+
+    fn created_by(&self, creator: &str) -> u64 {
+        self.created.get(creator).copied().unwrap_or(0)
+    }
+
+    fn earlier(&self, index: usize, _: &NewMessage) -> Option<Earlier> {
+        self.earlier.get(&index).copied()
+    }
 }
 
 /// Messages with `after < offset <= upto`, oldest first, at most `limit`.
@@ -265,7 +408,9 @@ pub async fn heads(pool: &PgPool, channels: &[&str]) -> Result<Vec<i64>, StoreEr
 /// bucket's floor ([`raise_floors`] ran in an earlier round). Returns how many.
 ///
 /// The floor condition is re-checked on the row being deleted: a publish that lands meanwhile
-/// moves `last_offset` past the floor, and the channel stays.
+/// moves `last_offset` past the floor, and the channel stays. A channel whose lock a publish
+/// batch holds ([`append_batch`]) is skipped, never waited for: retention and publishing then
+/// never lock the same rows in opposite orders.
 pub async fn remove_empty_channels(pool: &PgPool, batch: i64) -> Result<u64, StoreError> {
     let result = sqlx::query(
         r#"
@@ -278,6 +423,7 @@ pub async fn remove_empty_channels(pool: &PgPool, batch: i64) -> Result<u64, Sto
         )
         AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.channel = c.name)
         AND c.last_offset <= (SELECT floor FROM channel_floors WHERE bucket = channel_bucket(c.name))
+        AND pg_try_advisory_xact_lock(hashtextextended(c.name, 7243))
         "#,
     )
     .bind(batch)

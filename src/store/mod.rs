@@ -5,6 +5,7 @@
 //! contract. Handlers and tasks never write SQL themselves; they call [`MessageStore`]. The store is
 //! created once at startup and shared through the app state.
 
+pub mod batch;
 pub mod memory;
 pub mod messages;
 
@@ -36,6 +37,12 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A channel changed under a batch that held its lock: a writer that does not take the
+    /// lock, such as a replica of an older version during a rolling upgrade.
+    #[error(
+        "a channel was changed by a writer that does not lock it; is an older relay version running?"
+    )]
+    Contended,
 }
 
 impl StoreError {
@@ -72,17 +79,40 @@ impl MessageStore {
         }
     }
 
-    /// Append `data` to `channel` with the next offset, as `options` allow. See
-    /// [`messages::append`].
+    /// Append `data` to `channel` with the next offset, as `options` allow: a batch of one.
     pub async fn append(
         &self,
         channel: &str,
         data: &serde_json::value::RawValue,
         options: messages::AppendOptions<'_>,
     ) -> Result<messages::Appended, StoreError> {
+        let (message, rules) = options.into_batch(channel, data);
+        let outcomes = self.append_batch(&[message], &[1], rules, || {}).await?;
+        outcomes
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("a batch of one came back empty".into()))
+    }
+
+    /// Commit a batch of groups of messages in one transaction; one outcome per message, in
+    /// order. `ordered` is called once the batch's place in its channels' order is fixed (see
+    /// [`messages::append_batch`]); see [`batch`] for groups and rules.
+    pub async fn append_batch(
+        &self,
+        messages: &[batch::NewMessage],
+        group_sizes: &[usize],
+        rules: batch::Rules,
+        ordered: impl FnOnce(),
+    ) -> Result<Vec<messages::Appended>, StoreError> {
         match self {
-            Self::Postgres(pool) => messages::append(pool, channel, data, options).await,
-            Self::Memory(log) => Ok(log.append(channel, data, options)),
+            Self::Postgres(pool) => {
+                messages::append_batch(pool, messages, group_sizes, rules, ordered).await
+            }
+            Self::Memory(log) => {
+                let outcomes = log.append_batch(messages, group_sizes, rules);
+                ordered();
+                Ok(outcomes)
+            }
         }
     }
 

@@ -15,6 +15,7 @@ mod limits;
 mod loadgen;
 mod observability;
 mod openapi;
+mod publishing;
 mod realtime;
 mod recovery;
 mod tls;
