@@ -13,6 +13,7 @@
 //! be carried out (bad options, fd limit, Redis unreachable, …).
 
 mod args;
+mod batch;
 mod floor;
 mod http;
 mod publisher;

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     args::{Args, Via},
-    http,
+    batch, http,
     stats::{InFrame, new_histogram, padding, write_stamp},
     subscriber::client_config,
     sys::now_micros,
@@ -172,7 +172,7 @@ pub async fn run(args: &Args, channels: &[String], total: u64) -> Result<Publish
     match args.publish_via {
         Via::Redis => redis(args, channels, total, &mut out).await?,
         Via::Http => http::run(args, channels, total, &mut out).await?,
-        Via::Batch => return Err("--publish-via batch is not implemented yet".into()),
+        Via::Batch => batch::run(args, channels, total, &mut out).await?,
         Via::Ws if args.pipeline.is_some() => {
             return Err("--pipeline is not implemented yet".into());
         }
