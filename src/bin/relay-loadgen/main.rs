@@ -16,6 +16,7 @@ mod args;
 mod batch;
 mod floor;
 mod http;
+mod pipeline;
 mod publisher;
 mod report;
 mod retry;

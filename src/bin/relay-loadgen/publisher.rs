@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     args::{Args, Via},
-    batch, http,
+    batch, http, pipeline,
     stats::{InFrame, new_histogram, padding, write_stamp},
     subscriber::client_config,
     sys::now_micros,
@@ -174,7 +174,7 @@ pub async fn run(args: &Args, channels: &[String], total: u64) -> Result<Publish
         Via::Http => http::run(args, channels, total, &mut out).await?,
         Via::Batch => batch::run(args, channels, total, &mut out).await?,
         Via::Ws if args.pipeline.is_some() => {
-            return Err("--pipeline is not implemented yet".into());
+            pipeline::run(args, channels, total, &mut out).await?;
         }
         Via::Ws => ws(args, channels, total, &mut out).await?,
     }
