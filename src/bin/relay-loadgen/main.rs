@@ -16,6 +16,8 @@ mod args;
 mod batch;
 mod floor;
 mod http;
+#[cfg(test)]
+mod mock;
 mod pipeline;
 mod publisher;
 mod report;
