@@ -56,6 +56,38 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Via::Redis)]
     pub publish_via: Via,
 
+    /// --publish-via batch: messages per `POST /api/v1/messages` request (default 100; relay
+    /// accepts at most 1000 by default). The last request of a run may carry fewer.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+
+    /// --publish-via batch: requests in flight at once (default 4, at most --channels). Request
+    /// slot k owns the channels i with i mod N = k, so no two requests in flight share a channel
+    /// and each channel's messages commit in the order they were numbered.
+    #[arg(long)]
+    pub http_concurrency: Option<usize>,
+
+    /// --publish-via ws: up to N publishes in flight, each with a `ref` and completed by its
+    /// `ack` (without it: fire and forget, no `ref`, a final ping/pong marks the end).
+    #[arg(long)]
+    pub pipeline: Option<usize>,
+
+    /// Give every publish (http, batch, ws with --pipeline) the idempotency key
+    /// `<run-id>-<channel>-<seq>` and retry it with the same key after a network error, a
+    /// timeout or a 5xx (ws: after a lost connection, resending every unacknowledged publish).
+    #[arg(long)]
+    pub idempotency: bool,
+
+    /// With --idempotency: attempts per request (or per ws publish) before giving up (default 5),
+    /// with exponential backoff from 20 ms.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+
+    /// Limit for one HTTP request, Redis round trip or WebSocket connect; with --pipeline, the
+    /// longest wait for a free slot or the last acks.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
     /// Redis for --publish-via redis.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
@@ -112,6 +144,9 @@ pub enum Via {
     Http,
     /// `{"type":"publish",…}` frames on one dedicated publisher WebSocket.
     Ws,
+    /// `POST /api/v1/messages`, --batch-size messages per request, --http-concurrency requests
+    /// in flight over disjoint sets of channels.
+    Batch,
 }
 
 impl Via {
@@ -120,6 +155,7 @@ impl Via {
             Self::Redis => "redis",
             Self::Http => "http",
             Self::Ws => "ws",
+            Self::Batch => "batch",
         }
     }
 }
@@ -132,7 +168,39 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// Default of --batch-size.
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+
+/// Default of --http-concurrency (capped at --channels).
+pub const DEFAULT_HTTP_CONCURRENCY: usize = 4;
+
+/// Largest --pipeline (the window is one semaphore permit per publish in flight).
+pub const MAX_PIPELINE: usize = 1_000_000;
+
+/// Default of --max-attempts.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
 impl Args {
+    /// Messages per batch request.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)
+    }
+
+    /// Batch requests in flight at once (= channel shards).
+    pub fn http_concurrency(&self) -> usize {
+        self.http_concurrency
+            .unwrap_or(DEFAULT_HTTP_CONCURRENCY.min(self.channels))
+    }
+
+    /// Tries per request: 1 without --idempotency (a retry without a key could duplicate).
+    pub fn max_attempts(&self) -> u32 {
+        if self.idempotency {
+            self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
+        } else {
+            1
+        }
+    }
+
     /// Messages the run publishes in total.
     pub fn total_messages(&self) -> u64 {
         match self.messages {
@@ -168,6 +236,7 @@ impl Args {
         if self.rate == 0.0 && self.messages.is_some_and(|n| n > 0) {
             return Err("--messages needs a --rate above 0".into());
         }
+        self.validate_publish_options()?;
         // Mirrors relay's rule (docs/protocol.md) so a bad prefix fails here, not as 10,000
         // refused upgrades.
         let longest = format!("{}-{}", self.channel_prefix, self.channels - 1);
@@ -177,6 +246,84 @@ impl Args {
                 "--channel-prefix `{}` gives invalid channel names (1-128 of A-Z a-z 0-9 _ - : .)",
                 self.channel_prefix
             ));
+        }
+        Ok(())
+    }
+
+    /// The options that only make sense with some publish paths.
+    fn validate_publish_options(&self) -> Result<(), String> {
+        let via = self.publish_via;
+        if let Some(n) = self.batch_size {
+            if via != Via::Batch {
+                return Err("--batch-size needs --publish-via batch".into());
+            }
+            if n == 0 {
+                return Err("--batch-size must be at least 1".into());
+            }
+        }
+        if let Some(n) = self.http_concurrency {
+            if via != Via::Batch {
+                // http mode is bounded by one request per channel; more would reorder.
+                return Err(
+                    "--http-concurrency needs --publish-via batch (http mode keeps one \
+                            request in flight per channel: add channels for more)"
+                        .into(),
+                );
+            }
+            if n == 0 {
+                return Err("--http-concurrency must be at least 1".into());
+            }
+            if n > self.channels {
+                return Err(format!(
+                    "--http-concurrency {n} is more than --channels {}: each request in flight \
+                     owns its own channels",
+                    self.channels
+                ));
+            }
+        }
+        if let Some(n) = self.pipeline {
+            if via != Via::Ws {
+                return Err("--pipeline needs --publish-via ws".into());
+            }
+            if n == 0 {
+                return Err("--pipeline must be at least 1".into());
+            }
+            if n > MAX_PIPELINE {
+                return Err(format!("--pipeline must be at most {MAX_PIPELINE}"));
+            }
+        }
+        if self.idempotency {
+            match via {
+                Via::Redis => {
+                    return Err(
+                        "--idempotency needs --publish-via http, batch or ws: a Redis \
+                                PUBLISH has no idempotency key"
+                            .into(),
+                    );
+                }
+                Via::Ws if self.pipeline.is_none() => {
+                    return Err(
+                        "--idempotency with --publish-via ws needs --pipeline: without \
+                                acks nothing tells which publishes to resend"
+                            .into(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        match self.max_attempts {
+            Some(_) if !self.idempotency => {
+                return Err(
+                    "--max-attempts needs --idempotency (retries without a key could \
+                            duplicate)"
+                        .into(),
+                );
+            }
+            Some(0) => return Err("--max-attempts must be at least 1".into()),
+            _ => {}
+        }
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be above 0".into());
         }
         Ok(())
     }
@@ -216,6 +363,147 @@ impl Args {
         match base.strip_prefix("ws://") {
             Some(rest) => format!("http://{rest}"),
             None => base.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["relay-loadgen"];
+        argv.extend_from_slice(extra);
+        match Args::try_parse_from(argv) {
+            Ok(args) => args,
+            Err(err) => panic!("{extra:?} does not parse: {err}"),
+        }
+    }
+
+    /// The validation error of these options, or `None` if they are valid.
+    fn refusal(extra: &[&str]) -> Option<String> {
+        parse(extra).validate().err()
+    }
+
+    #[test]
+    fn publish_modes_and_their_defaults() {
+        let args = parse(&["--publish-via", "batch", "--channels", "3"]);
+        assert_eq!(args.validate(), Ok(()));
+        assert_eq!(args.batch_size(), DEFAULT_BATCH_SIZE);
+        // Never more slots than channels: a slot without channels would idle.
+        assert_eq!(args.http_concurrency(), 3);
+        assert_eq!(args.max_attempts(), 1, "no retries without --idempotency");
+
+        let args = parse(&[
+            "--publish-via",
+            "batch",
+            "--channels",
+            "50",
+            "--batch-size",
+            "250",
+            "--http-concurrency",
+            "10",
+            "--idempotency",
+        ]);
+        assert_eq!(args.validate(), Ok(()));
+        assert_eq!(
+            (
+                args.batch_size(),
+                args.http_concurrency(),
+                args.max_attempts()
+            ),
+            (250, 10, DEFAULT_MAX_ATTEMPTS)
+        );
+        assert_eq!(args.publish_via.as_str(), "batch");
+
+        for ok in [
+            &["--publish-via", "ws", "--pipeline", "64"][..],
+            &["--publish-via", "ws", "--pipeline", "1", "--idempotency"],
+            &[
+                "--publish-via",
+                "http",
+                "--idempotency",
+                "--max-attempts",
+                "2",
+            ],
+            &["--publish-via", "http", "--request-timeout", "250ms"],
+        ] {
+            assert_eq!(refusal(ok), None, "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn bad_combinations_are_refused_with_the_option_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--publish-via", "batch", "--batch-size", "0"],
+                "--batch-size must be at least 1",
+            ),
+            (
+                &["--publish-via", "http", "--batch-size", "10"],
+                "--batch-size needs --publish-via batch",
+            ),
+            (
+                &["--publish-via", "batch", "--http-concurrency", "0"],
+                "--http-concurrency must be at least 1",
+            ),
+            (
+                &[
+                    "--publish-via",
+                    "batch",
+                    "--channels",
+                    "4",
+                    "--http-concurrency",
+                    "5",
+                ],
+                "more than --channels 4",
+            ),
+            (
+                &["--publish-via", "http", "--http-concurrency", "4"],
+                "--http-concurrency needs --publish-via batch",
+            ),
+            (
+                &["--publish-via", "ws", "--pipeline", "0"],
+                "--pipeline must be at least 1",
+            ),
+            (&["--pipeline", "8"], "--pipeline needs --publish-via ws"),
+            (
+                &["--publish-via", "ws", "--pipeline", "1000001"],
+                "--pipeline must be at most 1000000",
+            ),
+            (
+                &["--publish-via", "http", "--pipeline", "8"],
+                "--pipeline needs --publish-via ws",
+            ),
+            (&["--idempotency"], "a Redis PUBLISH has no idempotency key"),
+            (
+                &["--publish-via", "ws", "--idempotency"],
+                "needs --pipeline",
+            ),
+            (
+                &["--publish-via", "http", "--max-attempts", "3"],
+                "--max-attempts needs --idempotency",
+            ),
+            (
+                &[
+                    "--publish-via",
+                    "http",
+                    "--idempotency",
+                    "--max-attempts",
+                    "0",
+                ],
+                "--max-attempts must be at least 1",
+            ),
+            (
+                &["--request-timeout", "0s"],
+                "--request-timeout must be above 0",
+            ),
+        ];
+        for (extra, expected) in cases {
+            match refusal(extra) {
+                Some(err) => assert!(err.contains(expected), "{extra:?}: {err}"),
+                None => panic!("{extra:?} was accepted"),
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! `relay-loadgen`: load generator and cost meter for relay (issue #8).
 //!
 //! Opens N subscriber WebSockets over K channels, publishes at a fixed rate through Redis, the
-//! HTTP API or a WebSocket, and reports completeness (delivered, lost, duplicated, out of
-//! order), latency percentiles and, given the server's pid, its memory per connection and
-//! deliveries per CPU-second. `--bare-write-floor` measures the same fan-out as raw socket
+//! HTTP API (one message or a batch per request) or a WebSocket (fire and forget, or pipelined
+//! with acks), optionally with idempotency keys and retries, and reports publish throughput and
+//! latency, completeness (delivered, lost, duplicated, out of order), delivery latency
+//! percentiles and, given the server's pid, its memory per connection and deliveries per
+//! CPU-second. `--bare-write-floor` measures the same fan-out as raw socket
 //! writes without relay, the floor to compare against. `--help` lists every option.
 //!
 //! Exit codes: 0 success; 1 the run completed but failed a check (a connection failed, or with
@@ -11,9 +13,15 @@
 //! be carried out (bad options, fd limit, Redis unreachable, …).
 
 mod args;
+mod batch;
 mod floor;
+mod http;
+#[cfg(test)]
+mod mock;
+mod pipeline;
 mod publisher;
 mod report;
+mod retry;
 mod run;
 mod stats;
 mod subscriber;

@@ -1,5 +1,6 @@
 //! The publisher: a fixed total rate, round-robin over the channels, through Redis, the HTTP API
-//! or a WebSocket.
+//! (one message or a batch per request, [`crate::http`], [`crate::batch`]) or a WebSocket (fire
+//! and forget here, pipelined with acks in [`crate::pipeline`]).
 //!
 //! Message `i` is due at `i / rate` seconds after the start; each wake-up sends everything due
 //! (timers are ~1 ms coarse, so high rates go out in small bursts, and a stall is caught up
@@ -14,12 +15,14 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use hdrhistogram::Histogram;
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     args::{Args, Via},
-    stats::{InFrame, padding, write_stamp},
+    batch, http, pipeline,
+    stats::{InFrame, new_histogram, padding, write_stamp},
     subscriber::client_config,
     sys::now_micros,
 };
@@ -27,14 +30,16 @@ use crate::{
 /// Messages sent in one burst at most (a Redis pipeline, a WebSocket flush).
 const MAX_BURST: u64 = 1000;
 
-/// Limit for one Redis round trip or HTTP request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What publishing achieved.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Published {
-    /// Messages published per channel.
+    /// Messages published per channel: acknowledged by the server (Redis reply, 201, ack), or
+    /// for fire-and-forget WebSocket publishes, sent.
     pub per_channel: Vec<u64>,
+    /// Sequence numbers used per channel: what each subscriber of the channel should receive.
+    /// More than `per_channel` when a message's fate is unknown (a timeout with
+    /// --idempotency, an error frame to a pipelined publish): if it never arrives, it is lost.
+    pub numbered: Vec<u64>,
     pub errors: u64,
     /// Failures grouped by description.
     pub error_kinds: BTreeMap<String, u64>,
@@ -42,21 +47,53 @@ pub struct Published {
     pub no_receivers: u64,
     /// From the first send to the last acknowledgement.
     pub elapsed: Duration,
+    /// Messages the server acknowledged as committed (fire-and-forget ws: sent minus error
+    /// frames, confirmed by the final pong).
+    pub committed: u64,
+    /// Requests answered with success: HTTP requests, Redis pipelines, acked ws publishes.
+    pub requests: u64,
+    /// Request sent → success answer (first attempt to the answer, retries included), µs.
+    pub latency: Histogram<u64>,
+    /// Attempts after the first (--idempotency), ws resends included.
+    pub retries: u64,
+    /// Messages the server answered as a repeat of a committed one (`replayed: true`).
+    pub replays: u64,
 }
 
 impl Published {
+    pub fn new(channels: usize) -> Self {
+        Self {
+            per_channel: vec![0; channels],
+            numbered: vec![0; channels],
+            errors: 0,
+            error_kinds: BTreeMap::new(),
+            no_receivers: 0,
+            elapsed: Duration::ZERO,
+            committed: 0,
+            requests: 0,
+            latency: new_histogram(),
+            retries: 0,
+            replays: 0,
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.per_channel.iter().sum()
     }
 
-    fn fail(&mut self, count: u64, kind: String) {
+    pub fn fail(&mut self, count: u64, kind: String) {
         self.errors += count;
         *self.error_kinds.entry(kind).or_default() += count;
+    }
+
+    /// Record one successful request that took `took`.
+    pub fn record_latency(&mut self, took: Duration) {
+        self.latency.saturating_record(took.as_micros() as u64);
     }
 }
 
 /// When each message is due.
-struct Schedule {
+pub struct Schedule {
     start: Instant,
     rate: f64,
     total: u64,
@@ -64,7 +101,7 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn new(rate: f64, total: u64) -> Self {
+    pub fn new(rate: f64, total: u64) -> Self {
         Self {
             start: Instant::now(),
             rate,
@@ -75,7 +112,7 @@ impl Schedule {
 
     /// Wait until at least one message is due; how many are (at most `MAX_BURST`), or `None`
     /// when everything was sent.
-    async fn next_burst(&mut self) -> Option<u64> {
+    pub async fn next_burst(&mut self) -> Option<u64> {
         loop {
             if self.sent >= self.total {
                 return None;
@@ -94,14 +131,14 @@ impl Schedule {
 }
 
 /// Per-channel sequence numbers and round-robin position.
-struct Sequencer {
-    next: Vec<u64>,
+pub struct Sequencer {
+    pub next: Vec<u64>,
     turn: usize,
     pad: String,
 }
 
 impl Sequencer {
-    fn new(channels: usize, payload_bytes: usize) -> Self {
+    pub fn new(channels: usize, payload_bytes: usize) -> Self {
         Self {
             next: vec![0; channels],
             turn: 0,
@@ -110,32 +147,35 @@ impl Sequencer {
     }
 
     /// The channel whose turn it is.
-    fn next_channel(&mut self) -> usize {
+    pub fn next_channel(&mut self) -> usize {
         let ch = self.turn;
         self.turn = (self.turn + 1) % self.next.len();
         ch
     }
 
-    /// Append the data of the next message of `ch` (claiming its sequence number) to `out`.
-    fn stamp(&mut self, ch: usize, out: &mut String) {
+    /// Append the data of the next message of `ch` (claiming its sequence number) to `out`;
+    /// returns that number.
+    pub fn stamp(&mut self, ch: usize, out: &mut String) -> u64 {
         let seq = self.next[ch];
         self.next[ch] += 1;
         write_stamp(out, seq, now_micros(), &self.pad);
+        seq
     }
 }
 
 /// Publish `total` messages at `args.rate`.
 pub async fn run(args: &Args, channels: &[String], total: u64) -> Result<Published, String> {
-    let mut out = Published {
-        per_channel: vec![0; channels.len()],
-        ..Published::default()
-    };
+    let mut out = Published::new(channels.len());
     if total == 0 {
         return Ok(out);
     }
     match args.publish_via {
         Via::Redis => redis(args, channels, total, &mut out).await?,
-        Via::Http => http(args, channels, total, &mut out).await?,
+        Via::Http => http::run(args, channels, total, &mut out).await?,
+        Via::Batch => batch::run(args, channels, total, &mut out).await?,
+        Via::Ws if args.pipeline.is_some() => {
+            pipeline::run(args, channels, total, &mut out).await?;
+        }
         Via::Ws => ws(args, channels, total, &mut out).await?,
     }
     Ok(out)
@@ -149,10 +189,13 @@ async fn redis(
 ) -> Result<(), String> {
     let client = redis::Client::open(args.redis_url.as_str())
         .map_err(|e| format!("--redis-url `{}`: {e}", args.redis_url))?;
-    let mut conn = tokio::time::timeout(REQUEST_TIMEOUT, client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| format!("Redis at {} did not answer", args.redis_url))?
-        .map_err(|e| format!("cannot connect to Redis at {}: {e}", args.redis_url))?;
+    let mut conn = tokio::time::timeout(
+        args.request_timeout,
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| format!("Redis at {} did not answer", args.redis_url))?
+    .map_err(|e| format!("cannot connect to Redis at {}: {e}", args.redis_url))?;
     let redis_channels: Vec<String> = channels
         .iter()
         .map(|c| format!("{}{c}", args.redis_prefix))
@@ -174,9 +217,15 @@ async fn redis(
             pipe.cmd("PUBLISH").arg(&redis_channels[ch]).arg(&payload);
             burst.push(ch);
         }
-        let sent = tokio::time::timeout(REQUEST_TIMEOUT, pipe.query_async::<Vec<i64>>(&mut conn));
+        let sent_at = Instant::now();
+        let sent = tokio::time::timeout(
+            args.request_timeout,
+            pipe.query_async::<Vec<i64>>(&mut conn),
+        );
         match sent.await {
             Ok(Ok(receivers)) => {
+                out.record_latency(sent_at.elapsed());
+                out.requests += 1;
                 for &ch in &burst {
                     out.per_channel[ch] += 1;
                 }
@@ -196,113 +245,9 @@ async fn redis(
         }
     }
     out.elapsed = started.elapsed();
+    out.committed = out.total();
+    out.numbered.clone_from(&out.per_channel);
     Ok(())
-}
-
-/// One task per channel posts that channel's messages one at a time: concurrent POSTs to one
-/// channel could commit in another order than they were numbered, which would show up as
-/// "out of order" although relay delivers in commit order exactly as documented.
-async fn http(
-    args: &Args,
-    channels: &[String],
-    total: u64,
-    out: &mut Published,
-) -> Result<(), String> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(token) = &args.token {
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "--token is not a valid header value".to_owned())?;
-        headers.insert(reqwest::header::AUTHORIZATION, bearer);
-    }
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .default_headers(headers)
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))?;
-    let base = args.http_base();
-    let pad = padding(args.payload_bytes);
-    let mut ticks = Vec::new();
-    let mut tasks = Vec::new();
-    for name in channels {
-        let (tx, rx) = mpsc::unbounded_channel::<()>();
-        ticks.push(tx);
-        let url = format!("{base}/api/v1/channels/{name}/messages");
-        tasks.push(tokio::spawn(post_channel(
-            client.clone(),
-            url,
-            pad.clone(),
-            rx,
-        )));
-    }
-    let started = Instant::now();
-    let mut schedule = Schedule::new(args.rate, total);
-    let mut turn = 0;
-    while let Some(n) = schedule.next_burst().await {
-        for _ in 0..n {
-            // A channel task only ends when its sender is dropped.
-            let _ = ticks[turn].send(());
-            turn = (turn + 1) % ticks.len();
-        }
-    }
-    drop(ticks);
-    for (ch, task) in tasks.into_iter().enumerate() {
-        let done = task
-            .await
-            .map_err(|e| format!("publisher task failed: {e}"))?;
-        out.per_channel[ch] = done.published;
-        for (kind, count) in done.errors {
-            out.fail(count, kind);
-        }
-    }
-    out.elapsed = started.elapsed();
-    Ok(())
-}
-
-struct ChannelPublished {
-    published: u64,
-    errors: BTreeMap<String, u64>,
-}
-
-async fn post_channel(
-    client: reqwest::Client,
-    url: String,
-    pad: String,
-    mut ticks: mpsc::UnboundedReceiver<()>,
-) -> ChannelPublished {
-    let mut done = ChannelPublished {
-        published: 0,
-        errors: BTreeMap::new(),
-    };
-    let mut body = String::new();
-    while ticks.recv().await.is_some() {
-        body.clear();
-        body.push_str(r#"{"data":"#);
-        write_stamp(&mut body, done.published, now_micros(), &pad);
-        body.push('}');
-        let sent = client
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await;
-        let failure = match sent {
-            Ok(res) if res.status() == reqwest::StatusCode::CREATED => {
-                // Read the body so the connection goes back to the pool.
-                let _ = res.bytes().await;
-                done.published += 1;
-                continue;
-            }
-            Ok(res) => format!("http: status {}", res.status()),
-            Err(err) if err.is_timeout() => "http: timeout".to_owned(),
-            Err(err) if err.is_connect() => "http: cannot connect".to_owned(),
-            Err(err) => format!("http: {err}"),
-        };
-        // Not committed: the next message reuses the sequence number.
-        *done.errors.entry(failure).or_default() += 1;
-    }
-    done
 }
 
 /// Publish frames on one dedicated connection. relay handles a connection's frames in order,
@@ -318,7 +263,7 @@ async fn ws(
     // `?_=` so the token (if any) can follow as `&token=`.
     let url = format!("{}?_=1{}", args.ws_base()?, args.token_query());
     let (socket, _) = tokio::time::timeout(
-        REQUEST_TIMEOUT,
+        args.request_timeout,
         tokio_tungstenite::connect_async_with_config(url.as_str(), Some(client_config()), true),
     )
     .await
@@ -375,7 +320,7 @@ async fn ws(
         }
     }
     let _ = sink.send(Message::Text(r#"{"type":"ping"}"#.into())).await;
-    if tokio::time::timeout(REQUEST_TIMEOUT * 3, pong_rx)
+    if tokio::time::timeout(args.request_timeout * 3, pong_rx)
         .await
         .map_or(true, |r| r.is_err())
     {
@@ -383,10 +328,15 @@ async fn ws(
     }
     out.elapsed = started.elapsed();
     let _ = sink.close().await;
+    let mut refused = 0;
     if let Ok(Ok(errors)) = tokio::time::timeout(Duration::from_secs(2), reader).await {
         for (kind, count) in errors {
+            refused += count;
             out.fail(count, kind);
         }
     }
+    // A publish without an error frame was committed (the pong came after all of them).
+    out.committed = out.total().saturating_sub(refused);
+    out.numbered.clone_from(&out.per_channel);
     Ok(())
 }

@@ -22,6 +22,9 @@ pub struct Report {
     pub publish_no_receivers: u64,
     pub publish_seconds: f64,
     pub publish_rate: f64,
+    /// What the server acknowledged, how fast and how quickly (added for issue 15; the fields
+    /// above keep their meaning).
+    pub publish: PublishStats,
     /// Σ over subscribed connections of the messages published on their channel.
     pub expected: u64,
     pub delivered: u64,
@@ -38,6 +41,32 @@ pub struct Report {
     /// The generator's own CPU while publishing and draining (a busy generator skews latency).
     pub loadgen_cpu_seconds: f64,
     pub server: Option<ServerCost>,
+}
+
+/// The publish side of the run as the server acknowledged it.
+#[derive(Debug, Serialize)]
+pub struct PublishStats {
+    /// --batch-size (batch mode).
+    pub batch_size: Option<usize>,
+    /// Requests in flight at once (batch mode: --http-concurrency).
+    pub http_concurrency: Option<usize>,
+    /// --pipeline (ws mode).
+    pub pipeline: Option<usize>,
+    pub idempotency: bool,
+    /// Messages acknowledged as committed: 201s (one per item of a batch), ws acks, Redis
+    /// replies; fire-and-forget ws: sent minus error frames, confirmed by the final pong.
+    pub committed: u64,
+    /// `committed` over `publish_seconds` (first send to last acknowledgement).
+    pub committed_per_second: f64,
+    /// Successful requests: HTTP requests, Redis pipelines, acked ws publishes.
+    pub requests: u64,
+    /// Request sent (first attempt) → success answer (201 / ack / Redis reply), one sample per
+    /// request; empty for fire-and-forget ws.
+    pub latency_ms: LatencyMs,
+    /// Attempts after the first (--idempotency), ws resends included.
+    pub retries: u64,
+    /// Messages answered as a repeat of a committed one (`replayed: true`).
+    pub replays: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -159,6 +188,36 @@ impl Report {
         for (err, n) in &self.publish_error_kinds {
             println!("    {n} × {err}");
         }
+        let p = &self.publish;
+        let mut shape = String::new();
+        if let Some(n) = p.batch_size {
+            shape.push_str(&format!(", batches of {n}"));
+        }
+        if let Some(n) = p.http_concurrency {
+            shape.push_str(&format!(", {n} requests in flight"));
+        }
+        if let Some(n) = p.pipeline {
+            shape.push_str(&format!(", pipeline {n}"));
+        }
+        if p.idempotency {
+            shape.push_str(", idempotent");
+        }
+        let requests = if p.requests > 0 {
+            format!(" in {} requests", p.requests)
+        } else {
+            String::new()
+        };
+        println!(
+            "  committed       {} ({} msg/s){requests}{shape}; retries {}  replays {}",
+            p.committed, p.committed_per_second, p.retries, p.replays
+        );
+        if p.latency_ms.samples > 0 {
+            let l = &p.latency_ms;
+            println!(
+                "  publish ms      p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (request sent -> answer)",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        }
         if self.publish_no_receivers > 0 {
             println!(
                 "    {} PUBLISHes reached no subscriber (wrong --redis-prefix, or every subscriber of the channel had gone)",
@@ -177,7 +236,7 @@ impl Report {
         }
         let l = &self.latency_ms;
         println!(
-            "  latency ms      p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3})",
+            "  delivery ms     p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3})",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         );
         println!(

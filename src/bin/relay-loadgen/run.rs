@@ -7,10 +7,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    args::Args,
+    args::{Args, Via},
     floor::{micros, per},
     publisher,
-    report::{Connections, Deliveries, Report, ServerCost},
+    report::{Connections, Deliveries, PublishStats, Report, ServerCost},
     stats::{LatencyMs, Shards, new_histogram},
     subscriber::{self, Connected, End, Shared},
     sys::{CpuTime, cpu_seconds, now_micros, raise_fd_limit, rss_kib},
@@ -121,8 +121,10 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let publish_started_us = now_micros();
     let published = publisher::run(args, &channels, total).await?;
 
+    // Numbered, not acknowledged: a message whose fate is unknown is expected, and lost if it
+    // never comes.
     let expected_live: u64 = (0..args.channels)
-        .map(|ch| published.per_channel[ch] * subscribed[ch])
+        .map(|ch| published.numbered[ch] * subscribed[ch])
         .sum();
     let drain_started = Instant::now();
     while drain_started.elapsed() < args.drain && shared.shards.delivered() < expected_live {
@@ -145,7 +147,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         let Ok(Some(conn)) = task.await else {
             continue;
         };
-        let published_here = published.per_channel[conn.channel];
+        let published_here = published.numbered[conn.channel];
         d.expected += published_here;
         d.delivered += conn.seq.delivered;
         d.lost += conn.seq.lost(published_here);
@@ -189,6 +191,18 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         publish_no_receivers: published.no_receivers,
         publish_seconds: micros(publish_seconds),
         publish_rate: per(published_total as f64, publish_seconds),
+        publish: PublishStats {
+            batch_size: (args.publish_via == Via::Batch).then(|| args.batch_size()),
+            http_concurrency: (args.publish_via == Via::Batch).then(|| args.http_concurrency()),
+            pipeline: args.pipeline,
+            idempotency: args.idempotency,
+            committed: published.committed,
+            committed_per_second: per(published.committed as f64, publish_seconds),
+            requests: published.requests,
+            latency_ms: LatencyMs::from_micros(&published.latency),
+            retries: published.retries,
+            replays: published.replays,
+        },
         expected: d.expected,
         delivered: d.delivered,
         lost: d.lost,
