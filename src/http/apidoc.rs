@@ -81,6 +81,8 @@ pub struct ApiLimits {
     pub default_page_size: i64,
     /// `ws.max_subscriptions`: the most channels one `channels` may list.
     pub max_subscriptions: usize,
+    /// `publish.max_batch_messages`: the most items of one batch publish.
+    pub max_batch_messages: usize,
 }
 
 impl From<&Settings> for ApiLimits {
@@ -89,6 +91,7 @@ impl From<&Settings> for ApiLimits {
             max_page_size: settings.history.max_page_size,
             default_page_size: settings.history.default_page_size,
             max_subscriptions: settings.ws.max_subscriptions,
+            max_batch_messages: settings.publish.max_batch_messages,
         }
     }
 }
@@ -96,6 +99,7 @@ impl From<&Settings> for ApiLimits {
 /// Write the enforced constraints into every parameter the handlers validate, by name and
 /// location (`channel`, `channels`, `since`, `limit`, `Last-Event-ID`, `Idempotency-Key`).
 pub(super) fn constrain(doc: &mut OpenApi, limits: &ApiLimits) {
+    constrain_batch(doc, limits);
     for item in doc.paths.paths.values_mut() {
         let operations = [
             &mut item.get,
@@ -126,6 +130,37 @@ fn constrain_operation(operation: &mut Operation, limits: &ApiLimits) {
             _ => continue,
         };
         parameter.schema = Some(RefOr::T(schema));
+    }
+}
+
+/// The batch body's rules (`http::batch`): 1 to `max_batch_messages` items, each with a valid
+/// channel and, if any, a valid idempotency key.
+fn constrain_batch(doc: &mut OpenApi, limits: &ApiLimits) {
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    if let Some(RefOr::T(Schema::Object(item))) = components.schemas.get_mut("BatchItem") {
+        item.properties
+            .insert("channel".to_owned(), RefOr::T(channel_schema()));
+        let key = ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+            .min_length(Some(1))
+            .max_length(Some(MAX_IDEMPOTENCY_KEY))
+            .pattern(Some(format!("^[!-~]{{1,{MAX_IDEMPOTENCY_KEY}}}$")));
+        item.properties
+            .insert("idempotency_key".to_owned(), RefOr::T(key.into()));
+    }
+    if let Some(RefOr::T(Schema::Object(request))) = components.schemas.get_mut("BatchRequest") {
+        let messages = ArrayBuilder::new()
+            .items(Ref::from_schema_name("BatchItem"))
+            .min_items(Some(1))
+            .max_items(Some(limits.max_batch_messages.max(1)))
+            .description(Some(
+                "1 to publish.max_batch_messages items; the body at most http.max_body_bytes",
+            ));
+        request
+            .properties
+            .insert("messages".to_owned(), RefOr::T(messages.into()));
     }
 }
 

@@ -89,6 +89,7 @@ fn the_documented_constraints_are_the_validators() {
         max_page_size: 1000,
         default_page_size: 100,
         max_subscriptions: 3,
+        max_batch_messages: 7,
     };
     let doc = serde_json::to_value(relay::http::openapi(&limits)).unwrap();
 
@@ -115,6 +116,15 @@ fn the_documented_constraints_are_the_validators() {
             "{name:?}"
         );
     }
+
+    // The batch body states the same rules per item, and the configured item bound.
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(&schemas["BatchItem"]["properties"]["channel"], channel);
+    let messages = &schemas["BatchRequest"]["properties"]["messages"];
+    assert_eq!(
+        (&messages["minItems"], &messages["maxItems"]),
+        (&serde_json::json!(1), &serde_json::json!(7))
+    );
 
     for operation in ["GET /ws", "GET /sse"] {
         let channels = parameter(&doc, operation, "channels");
