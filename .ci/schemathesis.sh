@@ -120,9 +120,13 @@ fuzz() {
     --report json,junit \
     --report-json-path "$REPORTS/$target.json" \
     --report-junit-path "$REPORTS/$target.xml" || rc=$?
-  # The figures, from the JSON report (kept with the JUnit one for CI artifacts).
-  python3 - "$REPORTS/$target.json" "$target" >>"$WORK/summary" <<'EOF' || rc=1
-import json, sys
+  # The figures, from the JSON report (kept with the JUnit one for CI artifacts). Exit 3: the
+  # run's only problems were CPython 3.11's "AST constructor recursion depth mismatch", raised
+  # inside hypothesis while it describes a strategy of the recursive `data` schema: a bug of the
+  # tool (fixed in later CPython releases), not a finding about relay, so it does not fail CI.
+  local summary=0
+  python3 - "$REPORTS/$target.json" "$target" "$REPORTS/$target.xml" >>"$WORK/summary" <<'EOF' || summary=$?
+import json, re, sys
 report = json.load(open(sys.argv[1]))
 cases, ops = report["test_cases"], report["operations"]
 print(
@@ -131,7 +135,18 @@ print(
     f"({cases['with_failures']} failing cases), {len(report['errors'])} errors; "
     f"seed {report['seed']}, {report['running_time']:.0f}s"
 )
+junit = open(sys.argv[3]).read()
+errors = re.findall(r"<error[^>]*>(.*?)</error>", junit, re.S)
+tool_bug = "AST constructor recursion depth mismatch"
+if report["errors"] and cases["unique_failures"] == 0 and errors and all(tool_bug in e for e in errors):
+    print(f"  ({len(errors)} error(s) are CPython's '{tool_bug}' inside hypothesis: tolerated)")
+    sys.exit(3)
 EOF
+  case "$summary" in
+    0) ;;
+    3) rc=0 ;;
+    *) rc=1 ;;
+  esac
   if grep -q '"level":"ERROR"' "$WORK/relay-$target.log"; then
     say "relay ($target) logged errors:"
     grep '"level":"ERROR"' "$WORK/relay-$target.log" | head -20 | sed 's/^/    /'

@@ -174,6 +174,10 @@ fn idempotency_key_schema() -> Schema {
         .into()
 }
 
+fn number() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::Number)
+}
+
 fn int64(minimum: i64, maximum: i64) -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::Integer)
@@ -247,11 +251,15 @@ impl utoipa::PartialSchema for MessageData {
                  exponent within ±308, and arrays and objects nested at most 100 deep. Anything \
                  else is refused with 400.",
             ))
-            .item(ObjectBuilder::new().schema_type(SchemaType::Array(vec![
-                Type::Null,
-                Type::Boolean,
-                Type::Number,
-            ])))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::Array(vec![Type::Null, Type::Boolean])),
+            )
+            // Numbers whose shortest form has an exponent within ±308 (`protocol::check_data`):
+            // 0, or at least 1e-308 in magnitude. Finite doubles never exceed it upwards.
+            .item(number().minimum(Some(1e-308)))
+            .item(number().maximum(Some(-1e-308)))
+            .item(number().minimum(Some(0)).maximum(Some(0)))
             .item(no_nul())
             .item(ArrayBuilder::new().items(this()))
             .item(
