@@ -367,6 +367,38 @@ struct PublishBody<'a> {
     reference: Option<&'a RawValue>,
 }
 
+/// A publish's `expected_last_id`, when given, is an offset in `0..=MAX_OFFSET` (HTTP body,
+/// WebSocket frame, batch item).
+pub fn check_expected_last_id(expected: Option<i64>) -> Result<(), String> {
+    match expected {
+        Some(e) if !(0..=MAX_OFFSET).contains(&e) => Err(format!(
+            "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// An `idempotency_key` field (WebSocket frame, batch item), when given, is valid
+/// ([`valid_idempotency_key`]).
+pub fn check_idempotency_key(key: Option<&str>) -> Result<(), String> {
+    match key {
+        Some(k) if !valid_idempotency_key(k) => Err(format!(
+            "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Read `expected_last_id` from a JSON number, accepting integral ones such as `17.0`.
+pub fn expected_last_id_of<E: serde::de::Error>(
+    n: Option<serde_json::Number>,
+) -> Result<Option<i64>, E> {
+    n.map(|n| {
+        integer_of(&n).ok_or_else(|| E::custom("`expected_last_id` must be an integer offset"))
+    })
+    .transpose()
+}
+
 /// Longest `ref` accepted, in bytes of its JSON text.
 pub const MAX_REF_BYTES: usize = 128;
 
@@ -461,26 +493,12 @@ impl<'a> ClientFrame<'a> {
                     ty: "publish",
                     reason: e.to_string(),
                 })?;
-                if b.expected_last_id
-                    .is_some_and(|s| !(0..=MAX_OFFSET).contains(&s))
-                {
-                    return Err(FrameError::InvalidFrame {
-                        ty: "publish",
-                        reason: format!(
-                            "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
-                        ),
-                    });
-                }
-                if b.idempotency_key
-                    .as_deref()
-                    .is_some_and(|k| !valid_idempotency_key(k))
-                {
-                    return Err(FrameError::InvalidFrame {
-                        ty: "publish",
-                        reason: "`idempotency_key` must be 1 to 255 visible ASCII characters"
-                            .to_owned(),
-                    });
-                }
+                let invalid = |reason| FrameError::InvalidFrame {
+                    ty: "publish",
+                    reason,
+                };
+                check_expected_last_id(b.expected_last_id).map_err(invalid)?;
+                check_idempotency_key(b.idempotency_key.as_deref()).map_err(invalid)?;
                 if let Some(reference) = b.reference {
                     check_ref(reference).map_err(|reason| FrameError::InvalidFrame {
                         ty: "publish",

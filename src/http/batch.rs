@@ -17,9 +17,7 @@ use crate::{
         auth::Caller,
         error::{ApiError, AppJson, ErrorBody},
     },
-    protocol::{
-        MAX_IDEMPOTENCY_KEY, MAX_OFFSET, check_data, valid_idempotency_key, validate_channel,
-    },
+    protocol::{check_data, check_expected_last_id, check_idempotency_key, validate_channel},
     publish::{self, Published},
     state::AppState,
 };
@@ -72,15 +70,7 @@ impl<'de> Deserialize<'de> for BatchItem {
                         "data" => data.replace(map.next_value::<Box<RawValue>>()?).is_some(),
                         "expected_last_id" => {
                             let n = map.next_value::<Option<serde_json::Number>>()?;
-                            let n = n
-                                .map(|n| {
-                                    crate::protocol::integer_of(&n).ok_or_else(|| {
-                                        A::Error::custom(
-                                            "`expected_last_id` must be an integer offset",
-                                        )
-                                    })
-                                })
-                                .transpose()?;
+                            let n = crate::protocol::expected_last_id_of(n)?;
                             expected.replace(n).is_some()
                         }
                         "idempotency_key" => {
@@ -158,23 +148,8 @@ pub async fn publish_batch(
         validate_channel(&item.channel).map_err(|e| invalid(e.to_string()))?;
         caller.require(Action::Publish, &item.channel)?;
         check_data(&item.data).map_err(|e| invalid(e.to_string()))?;
-        if item
-            .expected_last_id
-            .is_some_and(|e| !(0..=MAX_OFFSET).contains(&e))
-        {
-            return Err(invalid(format!(
-                "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
-            )));
-        }
-        if item
-            .idempotency_key
-            .as_deref()
-            .is_some_and(|k| !valid_idempotency_key(k))
-        {
-            return Err(invalid(format!(
-                "`idempotency_key` must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
-            )));
-        }
+        check_expected_last_id(item.expected_last_id).map_err(invalid)?;
+        check_idempotency_key(item.idempotency_key.as_deref()).map_err(invalid)?;
         messages.push(publish::Message {
             channel: &item.channel,
             data: &item.data,

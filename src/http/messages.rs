@@ -23,7 +23,7 @@ use crate::{
         auth::Caller,
         error::{ApiError, AppJson, AppQuery, ErrorBody},
     },
-    protocol::{MAX_OFFSET, check_data, validate_channel},
+    protocol::{MAX_OFFSET, check_data, check_expected_last_id, validate_channel},
     publish::{self, PublishError, Published},
     state::AppState,
     store::StoreError,
@@ -110,16 +110,7 @@ impl<'de> Deserialize<'de> for PublishRequest {
                                 return Err(serde::de::Error::duplicate_field("expected_last_id"));
                             }
                             let n = map.next_value::<Option<serde_json::Number>>()?;
-                            expected_last_id = Some(
-                                n.map(|n| {
-                                    crate::protocol::integer_of(&n).ok_or_else(|| {
-                                        serde::de::Error::custom(
-                                            "`expected_last_id` must be an integer offset",
-                                        )
-                                    })
-                                })
-                                .transpose()?,
-                            );
+                            expected_last_id = Some(crate::protocol::expected_last_id_of(n)?);
                         }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
@@ -187,14 +178,7 @@ pub async fn publish_message(
     let channel = channel_name(&channel)?;
     caller.require(Action::Publish, channel)?;
     check_data(&body.data).map_err(|e| ApiError::Validation(e.to_string()))?;
-    if body
-        .expected_last_id
-        .is_some_and(|e| !(0..=MAX_OFFSET).contains(&e))
-    {
-        return Err(ApiError::Validation(format!(
-            "`expected_last_id` must be an offset between 0 and {MAX_OFFSET}"
-        )));
-    }
+    check_expected_last_id(body.expected_last_id).map_err(ApiError::Validation)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(

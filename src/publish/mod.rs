@@ -51,6 +51,13 @@ pub enum PublishError {
     Store(std::sync::Arc<StoreError>),
 }
 
+impl PublishError {
+    /// An answer the store's contract rules out: reported as an internal error, not hidden.
+    fn broken(what: String) -> Self {
+        Self::Store(std::sync::Arc::new(StoreError::Corrupt(what)))
+    }
+}
+
 impl From<CommitError> for PublishError {
     fn from(err: CommitError) -> Self {
         match err {
@@ -109,11 +116,8 @@ impl Pending {
     /// The one message's outcome.
     pub async fn published(self) -> Result<Published, PublishError> {
         let mut all = self.published_all().await.map_err(|e| e.error)?;
-        all.pop().ok_or_else(|| {
-            PublishError::Store(std::sync::Arc::new(StoreError::Corrupt(
-                "a commit answered nothing".into(),
-            )))
-        })
+        all.pop()
+            .ok_or_else(|| PublishError::broken("a commit answered nothing".into()))
     }
 
     /// Every message's outcome in order, or the first refusal.
@@ -143,9 +147,8 @@ impl Pending {
                     (offset, created_at, true)
                 }
                 _ => {
-                    let error = PublishError::Store(std::sync::Arc::new(StoreError::Corrupt(
-                        "a group was aborted without a refusal".into(),
-                    )));
+                    let error =
+                        PublishError::broken("a group was aborted without a refusal".into());
                     return Err(BatchError {
                         index: published.len(),
                         error,
@@ -187,9 +190,7 @@ impl Context {
                 }
             }
             Appended::Stored { .. } | Appended::Replayed { .. } | Appended::Aborted => {
-                PublishError::Store(std::sync::Arc::new(StoreError::Corrupt(format!(
-                    "{outcome:?} is not a refusal"
-                ))))
+                PublishError::broken(format!("{outcome:?} is not a refusal"))
             }
         }
     }
