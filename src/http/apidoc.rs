@@ -36,6 +36,7 @@ use crate::{
         (name = "messages", description = "Publish and history"),
         (name = "realtime", description = "WebSocket and Server-Sent Events"),
         (name = "health", description = "Probes"),
+        (name = "webhooks", description = "Outbound webhooks (docs/webhooks.md); tokens with the `admin` claim"),
     ),
     modifiers(&SecuritySchemes)
 )]
