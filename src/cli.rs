@@ -67,6 +67,9 @@ pub enum Command {
 
 /// Parse arguments, load configuration and run the chosen command.
 pub fn main() -> ExitCode {
+    // Before any TLS client exists: the webhook, healthcheck and trace-export HTTP clients and
+    // Redis all take the process's rustls provider (see crate::tls).
+    crate::tls::install_crypto_provider();
     let cli = Cli::parse();
     let settings = match Settings::load(&LoadOptions::from_process_env()) {
         Ok(settings) => settings,

@@ -69,7 +69,8 @@ pub enum DispatcherError {
     Client(String),
 }
 
-/// Every webhook metric, at zero, so dashboards and alerts see them from startup.
+/// Every webhook metric, at zero, so dashboards and alerts see them from startup. Registered
+/// by adding zero: the recorder is per process, and a counter never goes back.
 pub fn register_metrics() {
     for name in [
         "relay_webhook_deliveries_attempted_total",
@@ -78,16 +79,20 @@ pub fn register_metrics() {
         "relay_webhook_deliveries_released_total",
         "relay_webhook_store_errors_total",
     ] {
-        metrics::counter!(name).absolute(0);
+        metrics::counter!(name).increment(0);
     }
     for reason in ["status", "network", "timeout", "refused"] {
-        metrics::counter!("relay_webhook_deliveries_failed_total", "reason" => reason).absolute(0);
+        metrics::counter!("relay_webhook_deliveries_failed_total", "reason" => reason).increment(0);
     }
     metrics::counter!("relay_webhook_deliveries_dropped_total", "reason" => "outbox_full")
-        .absolute(0);
-    metrics::gauge!("relay_webhook_queue_depth").set(0.0);
-    metrics::gauge!("relay_webhook_dead_deliveries").set(0.0);
-    metrics::gauge!("relay_webhook_deliveries_in_flight").set(0.0);
+        .increment(0);
+    for gauge in [
+        "relay_webhook_queue_depth",
+        "relay_webhook_dead_deliveries",
+        "relay_webhook_deliveries_in_flight",
+    ] {
+        metrics::gauge!(gauge).increment(0.0);
+    }
 }
 
 /// The one HTTP client of the dispatcher: pooled connections, rustls with ring and the Mozilla

@@ -3,8 +3,11 @@
 //!
 //! An entry is `public` (any public address: the default when the list is empty), an IP address
 //! or CIDR (`10.1.2.0/24`, `127.0.0.1`), or a host name (`hooks.internal`, or `*.internal` for
-//! its subdomains). A URL is allowed when its host is a listed name, or when **every** address
-//! it resolves to is allowed by an address entry. Names are resolved again at every connection
+//! its subdomains). A URL is allowed when its host is a listed name, an IP literal an entry
+//! allows, or — with `public` in the list — a name **every** address of which is allowed.
+//! Without `public`, a name that is not listed is refused without being resolved: an explicit
+//! list names what it allows, and nobody can make relay look up arbitrary names (the lookup
+//! itself reaches the resolver). Names are resolved again at every connection
 //! ([`GuardedResolver`], the HTTP client's resolver), and the addresses checked then are the
 //! ones connected to, so a name that passed at creation and later resolves to `127.0.0.1` (DNS
 //! rebinding) is refused at delivery. Redirects are never followed (a public endpoint could
@@ -116,7 +119,8 @@ pub struct InvalidEntry(pub String);
 pub enum HostCheck {
     /// A listed name, or an allowed IP literal: no resolution needed.
     Allowed,
-    /// A name to resolve; every address must pass [`HostPolicy::allows_ip`].
+    /// A name to resolve (the policy has `public`); every address must pass
+    /// [`HostPolicy::allows_ip`].
     Resolve,
     Refused(String),
 }
@@ -177,7 +181,7 @@ impl HostPolicy {
             Some(url::Host::Ipv4(ip)) => self.ip_check(IpAddr::V4(ip)),
             Some(url::Host::Ipv6(ip)) => self.ip_check(IpAddr::V6(ip)),
             Some(url::Host::Domain(name)) if self.allows_name(name) => HostCheck::Allowed,
-            Some(url::Host::Domain(name)) if self.public || !self.nets.is_empty() => {
+            Some(url::Host::Domain(name)) if self.public => {
                 // `localhost` never needs DNS to know where it goes.
                 if name.eq_ignore_ascii_case("localhost") || name.ends_with(".localhost") {
                     self.ip_check(IpAddr::V4(Ipv4Addr::LOCALHOST))
@@ -386,7 +390,10 @@ mod tests {
             HostCheck::Allowed
         );
         assert_eq!(p.check_host(&url("http://a.b.svc/")), HostCheck::Allowed);
-        assert_eq!(p.check_host(&url("http://svc/")), HostCheck::Resolve);
+        assert!(
+            matches!(p.check_host(&url("http://svc/")), HostCheck::Refused(_)),
+            "not listed, and no `public`: refused without resolving"
+        );
         assert_eq!(
             p.check_host(&url("http://127.0.0.1:9/")),
             HostCheck::Allowed

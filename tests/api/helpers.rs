@@ -29,6 +29,14 @@ const HOW_TO_START: &str = "start the services with `docker compose up -d postgr
 machine with them installed: `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
 and `redis-server --daemonize yes --port 6379`";
 
+/// An HTTP client for tests. reqwest is built with rustls and no crypto provider of its own
+/// (relay's webhook client brings ring), so the process's provider is installed first: a
+/// client built before it would panic.
+pub fn http_client() -> reqwest::Client {
+    relay::tls::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// Settings as the `local` environment would load them, pointed at the test services.
 pub fn base_settings() -> Settings {
     let opts = LoadOptions {
@@ -214,7 +222,7 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
         lifecycle,
         pubsub,
         store,
-        http: reqwest::Client::new(),
+        http: http_client(),
         server: Some(server),
     }
 }
@@ -706,7 +714,7 @@ impl RelayProcess {
     }
 
     pub async fn wait_ready(&self) {
-        let http = reqwest::Client::new();
+        let http = http_client();
         for _ in 0..200 {
             if http
                 .get(format!("http://{}/readyz", self.addr))
@@ -723,7 +731,9 @@ impl RelayProcess {
 
     /// GET `path` and parse the JSON body.
     pub async fn get_json(&self, path: &str) -> Value {
-        reqwest::get(format!("http://{}{path}", self.addr))
+        http_client()
+            .get(format!("http://{}{path}", self.addr))
+            .send()
             .await
             .expect("request")
             .json()

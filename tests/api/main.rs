@@ -19,3 +19,4 @@ mod publishing;
 mod realtime;
 mod recovery;
 mod tls;
+mod webhooks;
