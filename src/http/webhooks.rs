@@ -444,8 +444,11 @@ pub async fn retry_dead_delivery(
 ) -> Result<AppJson<Retried>, ApiError> {
     require_admin(&state, &caller)?;
     let id = webhook_id(&id)?;
-    let delivery = Uuid::try_parse(&delivery)
-        .map_err(|_| ApiError::Validation("the delivery id is a UUID".to_owned()))?;
+    // Hyphenated only, as the OpenAPI document says (the parser takes other forms too).
+    let delivery = Some(&delivery)
+        .filter(|d| d.len() == 36)
+        .and_then(|d| Uuid::try_parse(d).ok())
+        .ok_or_else(|| ApiError::Validation("the delivery id is a hyphenated UUID".to_owned()))?;
     match state.outbox.retry_dead(id, Some(delivery)).await? {
         0 => Err(ApiError::NotFound(format!(
             "no dead delivery `{delivery}` of webhook `{id}`"

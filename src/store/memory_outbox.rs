@@ -394,7 +394,7 @@ impl MemoryLog {
                 dead_at: d.dead_at.unwrap_or_default(),
             })
             .collect();
-        dead.sort_by(|a, b| (a.dead_at, a.id).cmp(&(b.dead_at, b.id)));
+        dead.sort_by_key(|d| (d.dead_at, d.id));
         dead.truncate(usize::try_from(limit).unwrap_or(0));
         dead
     }

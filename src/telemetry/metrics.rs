@@ -178,6 +178,57 @@ fn describe() {
         "relay_db_pool_connections",
         "Postgres pool connections by state"
     );
+    describe_webhooks();
+}
+
+/// The webhook dispatcher's metrics (docs/webhooks.md); registered at zero by
+/// `crate::dispatcher::register_metrics`.
+fn describe_webhooks() {
+    describe_counter!(
+        "relay_webhook_deliveries_attempted_total",
+        "Webhook requests sent"
+    );
+    describe_counter!(
+        "relay_webhook_deliveries_succeeded_total",
+        "Webhook requests answered 2xx"
+    );
+    describe_counter!(
+        "relay_webhook_deliveries_failed_total",
+        "Failed webhook attempts by reason (status, network, timeout, refused)"
+    );
+    describe_counter!(
+        "relay_webhook_deliveries_dead_total",
+        "Webhook deliveries that became dead (final status or attempts exhausted)"
+    );
+    describe_counter!(
+        "relay_webhook_deliveries_released_total",
+        "Webhook claims given back unfinished at shutdown"
+    );
+    describe_counter!(
+        "relay_webhook_deliveries_dropped_total",
+        "Webhook deliveries not recorded because the memory outbox was full (embedded mode)"
+    );
+    describe_counter!(
+        "relay_webhook_store_errors_total",
+        "Failed outbox claims or outcome writes (retried; leases expire)"
+    );
+    describe_histogram!(
+        "relay_webhook_delivery_duration_seconds",
+        Unit::Seconds,
+        "Time of one webhook attempt, connection to response"
+    );
+    describe_gauge!(
+        "relay_webhook_deliveries_in_flight",
+        "Webhook requests in flight on this replica"
+    );
+    describe_gauge!(
+        "relay_webhook_queue_depth",
+        "Pending webhook deliveries in the outbox (shared by all replicas with Postgres)"
+    );
+    describe_gauge!(
+        "relay_webhook_dead_deliveries",
+        "Dead webhook deliveries kept for listing and retry"
+    );
 }
 
 /// Periodic housekeeping the Prometheus recorder needs (draining histogram buckets).
