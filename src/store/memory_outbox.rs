@@ -438,3 +438,91 @@ impl MemoryLog {
         old.len() as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::tests_support::default_settings, webhooks::RawSpec};
+
+    fn log_with_webhook(capacity: usize) -> MemoryLog {
+        let log = MemoryLog::new(100).with_outbox_capacity(capacity);
+        let settings = default_settings().webhooks;
+        let channels = vec!["c:*".to_owned()];
+        let spec = WebhookSpec::parse(
+            RawSpec {
+                url: "http://127.0.0.1:9/",
+                channels: &channels,
+                secret: "0123456789abcdef",
+                timeout: None,
+                max_attempts: Some(2),
+            },
+            &settings,
+        )
+        .unwrap();
+        log.create_webhook("w", &spec, Source::Api, 10).unwrap();
+        log
+    }
+
+    fn publish(log: &MemoryLog, channel: &str) {
+        let data = RawValue::from_string("1".to_owned()).unwrap();
+        log.append(channel, &data, Default::default());
+    }
+
+    #[test]
+    fn claims_lease_and_settle_under_their_token_only() {
+        let log = log_with_webhook(100);
+        publish(&log, "c:1");
+        publish(&log, "other");
+        assert_eq!(log.outbox_depth(), (1, 0), "one matching message");
+        let first = log.claim_deliveries(10, Duration::ZERO);
+        assert_eq!(first.len(), 1);
+        std::thread::sleep(Duration::from_millis(2));
+        // The lease passed: another claim takes it, and the first claim's outcome is refused.
+        let second = log.claim_deliveries(10, Duration::from_secs(60));
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].id, first[0].id);
+        let retry = Settle::Retry {
+            after: Duration::ZERO,
+            status: Some(500),
+            error: "HTTP 500".into(),
+        };
+        assert!(!log.settle_delivery(&first[0], &retry), "an expired claim");
+        assert!(
+            log.claim_deliveries(10, Duration::from_secs(60)).is_empty(),
+            "still leased"
+        );
+        assert!(log.settle_delivery(&second[0], &retry));
+        let third = log.claim_deliveries(10, Duration::from_secs(60));
+        assert_eq!(third[0].attempts, 1);
+        // Released: due again at once, attempts unchanged.
+        assert_eq!(log.release_deliveries(&[(third[0].id, third[0].lease)]), 1);
+        let fourth = log.claim_deliveries(10, Duration::from_secs(60));
+        assert_eq!(fourth[0].attempts, 1);
+        let dead = Settle::Dead {
+            status: Some(400),
+            error: "HTTP 400".into(),
+        };
+        assert!(log.settle_delivery(&fourth[0], &dead));
+        assert_eq!(log.outbox_depth(), (0, 1));
+        assert_eq!(log.dead_deliveries("w", 10).len(), 1);
+        assert_eq!(log.retry_dead("w", None), 1);
+        let revived = log.claim_deliveries(10, Duration::from_secs(60));
+        assert_eq!(revived[0].attempts, 0, "a fresh budget");
+        assert!(log.settle_delivery(&revived[0], &Settle::Delivered));
+        assert_eq!(log.outbox_depth(), (0, 0));
+    }
+
+    #[test]
+    fn a_full_outbox_drops_new_deliveries_and_deletes_go_with_their_webhook() {
+        let log = log_with_webhook(2);
+        for _ in 0..5 {
+            publish(&log, "c:1");
+        }
+        assert_eq!(log.outbox_depth(), (2, 0), "bounded by the capacity");
+        assert_eq!(log.delete_webhook("w"), Deleted::Deleted);
+        assert_eq!(log.outbox_depth(), (0, 0));
+        assert_eq!(log.delete_webhook("w"), Deleted::NotFound);
+        publish(&log, "c:1");
+        assert_eq!(log.outbox_depth(), (0, 0), "no webhook, no delivery");
+    }
+}

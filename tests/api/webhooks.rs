@@ -1151,3 +1151,59 @@ async fn throughput() {
         }
     }
 }
+
+/// The Postgres outbox's claim rules, driven directly: a claim hides a delivery from other
+/// claims until its lease passes, then the next claim takes it over and the expired claim can
+/// no longer record an outcome (a success always counts).
+#[tokio::test]
+async fn postgres_claims_expire_and_stale_outcomes_are_refused() {
+    use relay::store::outbox::{HookCache, Outbox, Settle};
+    let app = spawn_app_on(Backend::Services, |s| {
+        fast(s);
+        s.webhooks.enabled = false;
+    })
+    .await;
+    let receiver = Receiver::start(Plan::default()).await;
+    webhook(&app, &receiver.url(), &["lease"], json!({})).await;
+    publish(&app, "lease", json!(1)).await;
+    let outbox = Outbox::new(app.store.clone(), Arc::new(HookCache::default()));
+    assert_eq!(outbox.depth().await.unwrap(), (1, 0));
+    let first = outbox.claim(10, Duration::from_millis(200)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(
+        outbox
+            .claim(10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(second.len(), 1, "the expired lease is taken over");
+    assert_eq!(second[0].id, first[0].id);
+    let retry = Settle::Retry {
+        after: Duration::ZERO,
+        status: Some(503),
+        error: "HTTP 503".into(),
+    };
+    assert!(
+        !outbox.settle(&first[0], &retry).await.unwrap(),
+        "stale claim"
+    );
+    assert!(outbox.settle(&second[0], &retry).await.unwrap());
+    let third = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(third[0].attempts, 1);
+    assert_eq!(
+        outbox
+            .release(&[(third[0].id, third[0].lease)])
+            .await
+            .unwrap(),
+        1
+    );
+    let fourth = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(fourth[0].attempts, 1, "a release is not an attempt");
+    // A success recorded by the stale claim still removes the delivery.
+    assert!(outbox.settle(&first[0], &Settle::Delivered).await.unwrap());
+    assert_eq!(outbox.depth().await.unwrap(), (0, 0));
+}
