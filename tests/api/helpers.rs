@@ -14,20 +14,7 @@ use sqlx::{Connection, Executor, PgConnection};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
-/// Postgres server the tests use (override with `TEST_DATABASE_URL`).
-pub fn postgres_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Redis server the tests use (override with `TEST_REDIS_URL`).
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-const HOW_TO_START: &str = "start the services with `docker compose up -d postgres redis`, or on a \
-machine with them installed: `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
-and `redis-server --daemonize yes --port 6379`";
+pub use crate::services::{postgres_url, redis_url};
 
 /// Settings as the `local` environment would load them, pointed at the test services.
 pub fn base_settings() -> Settings {
@@ -64,14 +51,14 @@ impl Drop for TestDatabase {
 /// Create an empty database. Panics, naming the service, if Postgres is down.
 pub async fn create_database() -> TestDatabase {
     let admin_url = postgres_url();
-    let mut conn = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
-        panic!("Postgres is not reachable at {admin_url} ({e}); {HOW_TO_START}")
-    });
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("Postgres is not reachable at {admin_url} ({e})"));
     let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
     conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
         .await
         .expect("create test database");
-    let mut url = url::Url::parse(&admin_url).expect("TEST_DATABASE_URL is a URL");
+    let mut url = url::Url::parse(admin_url).expect("TEST_DATABASE_URL is a URL");
     url.set_path(&name);
     TestDatabase {
         name,
@@ -87,7 +74,7 @@ fn drop_database(name: String) {
             .build()
             .ok()?;
         rt.block_on(async {
-            let mut conn = PgConnection::connect(&postgres_url()).await.ok()?;
+            let mut conn = PgConnection::connect(postgres_url()).await.ok()?;
             conn.execute(sqlx::AssertSqlSafe(format!(
                 r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
             )))
@@ -100,14 +87,14 @@ fn drop_database(name: String) {
 
 async fn check_redis() {
     let url = redis_url();
-    let client = redis::Client::open(url.as_str()).expect("TEST_REDIS_URL is a Redis URL");
+    let client = redis::Client::open(url).expect("TEST_REDIS_URL is a Redis URL");
     let result = tokio::time::timeout(
         Duration::from_secs(3),
         client.get_multiplexed_async_connection(),
     )
     .await;
     if !matches!(result, Ok(Ok(_))) {
-        panic!("Redis is not reachable at {url}; {HOW_TO_START}");
+        panic!("Redis is not reachable at {url}");
     }
 }
 

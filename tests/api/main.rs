@@ -18,4 +18,5 @@ mod openapi;
 mod publishing;
 mod realtime;
 mod recovery;
+mod services;
 mod tls;
