@@ -21,7 +21,7 @@ use crate::{
     lifecycle::Lifecycle,
     pubsub::{PubSub, PubSubError},
     retention,
-    state::AppState,
+    state::{AppState, Shared},
     store::{self, MessageStore, StoreError, batch::Rules},
     telemetry,
 };
@@ -133,7 +133,7 @@ impl Application {
             "rate_limit_upkeep",
             crate::rate_limit::run_upkeep(Arc::clone(&limits), lifecycle.clone()),
         );
-        let state = AppState {
+        let state = AppState::new(Shared {
             settings,
             store,
             history,
@@ -143,7 +143,7 @@ impl Application {
             access_log,
             auth,
             limits,
-        };
+        });
         Ok(Self {
             listener,
             local_addr,
