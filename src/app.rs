@@ -86,6 +86,10 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
+        // The recorder first: what the startup sequence records (queue gauges, task series) is
+        // kept, and every series exists before the first scrape.
+        let metrics = telemetry::metrics::install();
+        telemetry::metrics::register_startup();
         // Keys first: a missing key file should stop startup before anything connects.
         let auth = Arc::new(crate::auth::Authenticator::from_settings(&settings.auth)?);
         let lifecycle = Lifecycle::new();
@@ -127,7 +131,6 @@ impl Application {
             );
         }
         let access_log = AccessLog::start(&settings.access_log, store.pool(), &lifecycle);
-        let metrics = telemetry::metrics::install();
         let limits = crate::rate_limit::RateLimits::new(&settings.limits);
         lifecycle.spawn_critical(
             "rate_limit_upkeep",
