@@ -73,6 +73,10 @@ start_relay() {
   admin_port="$(free_port)"
   export APP__SERVER__HOST=127.0.0.1 APP__SERVER__PORT="$port" APP__SERVER__ADMIN_PORT="$admin_port"
   export APP__AUTH__MODE=required APP__ACCESS_LOG__SINKS= APP__LOG__LEVEL=warn APP__LOG__FORMAT=json
+  # The token is admin, so the fuzzer creates webhooks: they may only point at loopback (never
+  # resolving a generated name, never reaching another host), fail fast, and die young.
+  export APP__WEBHOOKS__ALLOWED_HOSTS=127.0.0.1 APP__WEBHOOKS__MAX_ATTEMPTS=2 \
+    APP__WEBHOOKS__TIMEOUT=500ms APP__WEBHOOKS__RETRY_MAX_DELAY=1s APP__WEBHOOKS__MAX_WEBHOOKS=100000
   # Fresh for every run: nothing signed with it outlives the run.
   APP__AUTH__HS256_SECRET="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
   export APP__AUTH__HS256_SECRET
@@ -104,7 +108,7 @@ start_relay() {
 # fuzz TARGET EXAMPLES: one schemathesis run; prints its figures, returns its exit code.
 fuzz() {
   local target="$1" examples="$2" token seed_args=() rc=0
-  token="$("$RELAY_BIN" token --sub schemathesis --subscribe '*' --publish '*' --history '*' --ttl 1h)"
+  token="$("$RELAY_BIN" token --sub schemathesis --subscribe '*' --publish '*' --history '*' --admin --ttl 1h)"
   [[ "$SEED" == random ]] || seed_args=(--seed "$SEED")
   mkdir -p "$REPORTS"
   "$VENV/bin/schemathesis" --config-file "$ROOT/.ci/schemathesis.toml" run \

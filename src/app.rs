@@ -16,21 +16,28 @@ use crate::{
     commit::Committer,
     config::Settings,
     core::CoreSettings,
+    dispatcher::{self, Dispatcher},
     history::HistoryReader,
     http,
     lifecycle::Lifecycle,
     pubsub::{PubSub, PubSubError},
     retention,
     state::{AppState, Shared},
-    store::{self, MessageStore, StoreError, batch::Rules},
+    store::{
+        self, MessageStore, StoreError,
+        batch::Rules,
+        outbox::{HookCache, Outbox},
+    },
     telemetry,
+    webhooks::{self, ssrf::HostPolicy},
 };
 
 /// Postgres (connected with retries, migrated if configured), or memory when `database.url` is
 /// empty.
 async fn open_store(settings: &Settings) -> Result<MessageStore, StartupError> {
     if settings.database.url.is_empty() {
-        let log = store::memory::MemoryLog::new(settings.history.max_per_channel);
+        let log = store::memory::MemoryLog::new(settings.history.max_per_channel)
+            .with_outbox_capacity(settings.webhooks.memory_capacity);
         return Ok(MessageStore::Memory(Arc::new(log)));
     }
     let db = store::connect(&settings.database).await?;
@@ -67,6 +74,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Auth(#[from] crate::auth::KeyError),
+    #[error("invalid configuration: {0}")]
+    Webhooks(String),
     #[error("server error: {0}")]
     Serve(#[source] std::io::Error),
     /// A task spawned with [`Lifecycle::spawn_critical`] ended before shutdown.
@@ -112,11 +121,24 @@ impl Application {
             max_channels: settings.limits.channels_per_subject,
             idempotency_window: settings.publish.idempotency_window,
         };
+        let hooks = Arc::new(HookCache::default());
+        let outbox = Outbox::new(store.clone(), Arc::clone(&hooks));
+        let webhook_hosts = Arc::new(
+            HostPolicy::parse(&settings.webhooks.allowed_hosts)
+                .map_err(|e| StartupError::Webhooks(format!("webhooks.allowed_hosts: {e}")))?,
+        );
+        let configured: Vec<(String, webhooks::WebhookSpec)> = webhooks::configured(&settings)
+            .map_err(|e| StartupError::Webhooks(e.to_string()))?
+            .into_iter()
+            .map(|c| (c.id, c.spec))
+            .collect();
+        outbox.sync_configured(&configured).await?;
         let committer = Committer::start(
             store.clone(),
             pubsub.clone(),
             &settings.publish,
             rules,
+            hooks,
             &lifecycle,
         );
         lifecycle.spawn_critical(
@@ -131,6 +153,17 @@ impl Application {
             );
         }
         let access_log = AccessLog::start(&settings.access_log, store.pool(), &lifecycle);
+        if settings.webhooks.enabled {
+            let client = dispatcher::client(&settings, Arc::clone(&webhook_hosts))
+                .map_err(|e| StartupError::Webhooks(e.to_string()))?;
+            let dispatcher = Dispatcher::new(
+                outbox.clone(),
+                client,
+                Arc::clone(&webhook_hosts),
+                &settings,
+            );
+            lifecycle.spawn_critical("webhook_dispatcher", dispatcher.run(lifecycle.clone()));
+        }
         let limits = crate::rate_limit::RateLimits::new(&settings.limits);
         lifecycle.spawn_critical(
             "rate_limit_upkeep",
@@ -146,6 +179,8 @@ impl Application {
             access_log,
             auth,
             limits,
+            outbox,
+            webhook_hosts,
         });
         Ok(Self {
             listener,

@@ -50,6 +50,9 @@ pub enum Command {
         /// Lifetime, e.g. `1h`, `15m`.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Add the `admin` claim: the token may manage webhooks (`/api/v1/webhooks`).
+        #[arg(long)]
+        admin: bool,
     },
     /// GET the service's own /readyz; exit 0 when ready, 1 otherwise.
     Healthcheck {
@@ -64,6 +67,9 @@ pub enum Command {
 
 /// Parse arguments, load configuration and run the chosen command.
 pub fn main() -> ExitCode {
+    // Before any TLS client exists: the webhook, healthcheck and trace-export HTTP clients and
+    // Redis all take the process's rustls provider (see crate::tls).
+    crate::tls::install_crypto_provider();
     let cli = Cli::parse();
     let settings = match Settings::load(&LoadOptions::from_process_env()) {
         Ok(settings) => settings,
@@ -80,13 +86,14 @@ pub fn main() -> ExitCode {
             publish,
             history,
             ttl,
+            admin,
         } => {
             let channels = crate::auth::ChannelClaims {
                 subscribe,
                 publish,
                 history,
             };
-            token(&settings, &sub, channels, ttl)
+            token(&settings, &sub, channels, admin, ttl)
         }
         Command::Openapi => match crate::http::openapi(&(&settings).into()).to_pretty_json() {
             Ok(json) => {
@@ -149,6 +156,11 @@ fn check_config(settings: &Settings) -> ExitCode {
         eprintln!("relay: invalid configuration: {err}");
         return ExitCode::from(2);
     }
+    // So are the configured webhooks (URLs, patterns, secrets, allowed hosts).
+    if let Err(err) = crate::webhooks::configured(settings) {
+        eprintln!("relay: invalid configuration: {err}");
+        return ExitCode::from(2);
+    }
     // So are the CA files.
     if let Some(path) = &settings.redis.tls_ca_file
         && let Err(err) = crate::tls::read_ca_pem(path)
@@ -174,7 +186,13 @@ fn check_config(settings: &Settings) -> ExitCode {
     }
 }
 
-fn token(settings: &Settings, sub: &str, channels: ChannelClaims, ttl: Duration) -> ExitCode {
+fn token(
+    settings: &Settings,
+    sub: &str,
+    channels: ChannelClaims,
+    admin: bool,
+    ttl: Duration,
+) -> ExitCode {
     // Refuse bad patterns here rather than mint a token every server would reject.
     if let Err(err) = crate::auth::Permissions::from_claims(&channels) {
         eprintln!("relay token: {err}");
@@ -191,7 +209,7 @@ fn token(settings: &Settings, sub: &str, channels: ChannelClaims, ttl: Duration)
             return ExitCode::from(2);
         }
     };
-    match auth.issue(sub, channels, ttl) {
+    match auth.issue_with(sub, channels, admin, ttl) {
         Some(token) => {
             println!("{token}");
             ExitCode::SUCCESS

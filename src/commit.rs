@@ -37,6 +37,7 @@ use crate::{
         MessageStore, StoreError,
         batch::{NewMessage, Rules},
         messages::Appended,
+        outbox::HookCache,
     },
 };
 
@@ -85,12 +86,14 @@ impl Ticket {
 }
 
 impl Committer {
-    /// Start the committer task.
+    /// Start the committer task. `hooks` is the webhook cache the commits match against (and
+    /// the dispatcher's wake-up).
     pub fn start(
         store: MessageStore,
         pubsub: PubSub,
         settings: &PublishSettings,
         rules: Rules,
+        hooks: Arc<HookCache>,
         lifecycle: &Lifecycle,
     ) -> Self {
         let capacity = settings.queue_capacity;
@@ -101,6 +104,7 @@ impl Committer {
             store,
             pubsub,
             rules,
+            hooks,
             max_messages: settings.commit_max_messages,
             delay: settings.commit_delay,
             room: Arc::clone(&room),
@@ -155,6 +159,7 @@ struct Task {
     store: MessageStore,
     pubsub: PubSub,
     rules: Rules,
+    hooks: Arc<HookCache>,
     max_messages: usize,
     delay: Duration,
     room: Arc<Semaphore>,
@@ -242,7 +247,7 @@ impl Task {
         let started = Instant::now();
         let result = self
             .store
-            .append_batch(&messages, &sizes, self.rules, move || {
+            .append_batch(&messages, &sizes, self.rules, &self.hooks, move || {
                 let _ = ordered.send(());
             })
             .await;
@@ -259,7 +264,7 @@ impl Task {
                     let group: Vec<NewMessage> = messages.by_ref().take(size).collect();
                     let result = self
                         .store
-                        .append_batch(&group, &[size], self.rules, || {})
+                        .append_batch(&group, &[size], self.rules, &self.hooks, || {})
                         .await;
                     match result {
                         Ok(outcomes) => self.answer(vec![job], &[size], group, outcomes),

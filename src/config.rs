@@ -109,6 +109,91 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub publish: PublishSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Outbound webhooks (docs/webhooks.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Run the dispatcher on this replica (deliveries are still recorded when false, and sent
+    /// by replicas where it is true).
+    pub enabled: bool,
+    /// Where webhooks may send: `public`, IPs/CIDRs, host names (`*.` for subdomains); empty =
+    /// `public` only, so private, loopback and link-local addresses need an explicit entry.
+    pub allowed_hosts: Vec<String>,
+    /// With `auth.mode = disabled` the webhook API is refused (403) unless this is true.
+    pub allow_unauthenticated_api: bool,
+    /// Deliveries in flight at once on this replica.
+    pub max_in_flight: usize,
+    /// How often an idle dispatcher looks for due deliveries (publishes on this replica wake
+    /// it at once).
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// A claimed delivery is another replica's to take after this long (a crashed replica's
+    /// claims come back); longer than `max_timeout`.
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// Per-webhook request timeout when the webhook does not set one...
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// ...and the longest one a webhook may set.
+    #[serde(with = "duration")]
+    pub max_timeout: Duration,
+    /// Attempts per delivery when the webhook does not set it; then it is dead.
+    pub max_attempts: u32,
+    /// Retry backoff: the first wait and the cap (exponential with jitter in between).
+    #[serde(with = "duration")]
+    pub retry_min_delay: Duration,
+    #[serde(with = "duration")]
+    pub retry_max_delay: Duration,
+    /// Webhooks the API may hold in total (configured ones included).
+    pub max_webhooks: usize,
+    /// Dead deliveries are deleted this long after they died.
+    #[serde(with = "duration")]
+    pub dead_retention: Duration,
+    /// Embedded mode: deliveries (pending and dead) kept in memory; beyond, new ones are
+    /// dropped and counted.
+    pub memory_capacity: usize,
+    /// Webhooks defined by configuration (config files only: an array of tables).
+    pub endpoints: Vec<WebhookEndpoint>,
+}
+
+/// One `[[webhooks.endpoints]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    /// Stable id (its deliveries survive restarts under it); not starting with `wh_`.
+    pub id: String,
+    pub url: String,
+    pub channels: Vec<String>,
+    pub secret: Secret,
+    #[serde(
+        default,
+        with = "optional_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+/// An optional duration key (absent = the default).
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// The publish path.
@@ -458,6 +543,7 @@ const LIST_KEYS: &[&str] = &[
     "telemetry.trusted_trace_peers",
     "ws.allowed_origins",
     "auth.key_files",
+    "webhooks.allowed_hosts",
 ];
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -828,6 +914,7 @@ impl Settings {
             }
         }
         self.validate_auth()?;
+        self.validate_webhooks()?;
         positive("demo.token_ttl", self.demo.token_ttl)?;
         let h = &self.history;
         positive("history.ttl", h.ttl)?;
@@ -882,6 +969,81 @@ impl Settings {
         }
         positive("auth.handshake_timeout", a.handshake_timeout)?;
         positive("auth.expiry_warning", a.expiry_warning)?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// The webhook keys' ranges and how they relate; the endpoints themselves (URLs, patterns,
+    /// secrets, hosts) are checked by `crate::webhooks::configured`, which startup and
+    /// `relay check-config` run.
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        if !(1..=10_000).contains(&w.max_in_flight) {
+            return Err(ConfigError::invalid(
+                "webhooks.max_in_flight",
+                "must be between 1 and 10000",
+            ));
+        }
+        positive("webhooks.poll_interval", w.poll_interval)?;
+        if w.poll_interval > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "webhooks.poll_interval",
+                "must be at most 60s",
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&w.max_timeout) {
+            return Err(ConfigError::invalid(
+                "webhooks.max_timeout",
+                "must be between 100ms and 10m",
+            ));
+        }
+        if !(Duration::from_millis(100)..=w.max_timeout).contains(&w.timeout) {
+            return Err(ConfigError::invalid(
+                "webhooks.timeout",
+                "must be between 100ms and webhooks.max_timeout",
+            ));
+        }
+        // A lease shorter than a request would hand a delivery to a second replica while the
+        // first is still sending it.
+        if w.lease <= w.max_timeout {
+            return Err(ConfigError::invalid(
+                "webhooks.lease",
+                "must be longer than webhooks.max_timeout",
+            ));
+        }
+        if !(1..=100).contains(&w.max_attempts) {
+            return Err(ConfigError::invalid(
+                "webhooks.max_attempts",
+                "must be between 1 and 100",
+            ));
+        }
+        positive("webhooks.retry_min_delay", w.retry_min_delay)?;
+        if w.retry_max_delay < w.retry_min_delay {
+            return Err(ConfigError::invalid(
+                "webhooks.retry_max_delay",
+                "must not be smaller than webhooks.retry_min_delay",
+            ));
+        }
+        if !(1..=100_000).contains(&w.max_webhooks) {
+            return Err(ConfigError::invalid(
+                "webhooks.max_webhooks",
+                "must be between 1 and 100000",
+            ));
+        }
+        if w.endpoints.len() > w.max_webhooks {
+            return Err(ConfigError::invalid(
+                "webhooks.endpoints",
+                "holds more webhooks than webhooks.max_webhooks",
+            ));
+        }
+        positive("webhooks.dead_retention", w.dead_retention)?;
+        if !(1..=10_000_000).contains(&w.memory_capacity) {
+            return Err(ConfigError::invalid(
+                "webhooks.memory_capacity",
+                "must be between 1 and 10000000",
+            ));
+        }
         Ok(())
     }
 }
@@ -998,6 +1160,19 @@ impl std::fmt::Debug for Secret {
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.redacted())
+    }
+}
+
+/// The shipped `local` settings, for unit tests of other modules.
+#[cfg(test)]
+pub mod tests_support {
+    pub fn default_settings() -> super::Settings {
+        super::Settings::load(&super::LoadOptions {
+            dir: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+            app_env: "local".to_owned(),
+            env: Default::default(),
+        })
+        .expect("the shipped config loads")
     }
 }
 

@@ -39,6 +39,7 @@ pub mod config;
 pub mod core;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod dispatcher;
 pub mod history;
 pub mod http;
 pub mod lifecycle;
@@ -54,4 +55,5 @@ pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod webhooks;
 pub mod ws;

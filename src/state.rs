@@ -6,9 +6,16 @@
 use std::{ops::Deref, sync::Arc};
 
 use crate::{
-    access_log::AccessLog, auth::Authenticator, commit::Committer, config::Settings,
-    history::HistoryReader, lifecycle::Lifecycle, pubsub::PubSub, rate_limit::RateLimits,
-    store::MessageStore,
+    access_log::AccessLog,
+    auth::Authenticator,
+    commit::Committer,
+    config::Settings,
+    history::HistoryReader,
+    lifecycle::Lifecycle,
+    pubsub::PubSub,
+    rate_limit::RateLimits,
+    store::{MessageStore, outbox::Outbox},
+    webhooks::ssrf::HostPolicy,
 };
 
 /// Cloned into every request (by each middleware layer and the handler), so it is one `Arc`:
@@ -32,6 +39,10 @@ pub struct Shared {
     pub auth: Arc<Authenticator>,
     /// Per-client rate limits (`[limits]`).
     pub limits: Arc<RateLimits>,
+    /// Webhooks and their deliveries (the store's outbox).
+    pub outbox: Outbox,
+    /// `webhooks.allowed_hosts`, parsed: what webhook URLs may point at.
+    pub webhook_hosts: Arc<HostPolicy>,
 }
 
 impl AppState {

@@ -4,7 +4,10 @@
 //! Both drivers use rustls with the ring provider. sqlx hands its provider over explicitly; the
 //! redis crate takes the process default, which rustls only picks by itself while exactly one
 //! provider is compiled in, so relay installs ring before the first Redis client instead of
-//! relying on that.
+//! relying on that. reqwest (the webhook client, which gets its own ring configuration, and
+//! every other reqwest client in the process: healthcheck, trace export, the load generator,
+//! tests) is built with rustls and no provider of its own, and panics when a client is built
+//! without a process default: every binary installs ring first thing ([`crate::cli::main`]).
 
 use std::path::Path;
 

@@ -71,6 +71,9 @@ pub struct Principal {
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
     pub permissions: Permissions,
+    /// The `admin` claim: may manage webhooks (`/api/v1/webhooks`). Channel permissions are
+    /// separate: an admin token without them can neither publish nor subscribe.
+    pub admin: bool,
 }
 
 impl Principal {
@@ -100,6 +103,9 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default)]
     pub channels: ChannelClaims,
+    /// `"admin": true` grants the webhook API; absent or false does not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 impl Claims {
@@ -114,6 +120,7 @@ impl Claims {
             sub: self.sub,
             exp: self.exp,
             permissions,
+            admin: self.admin,
         })
     }
 }
@@ -264,6 +271,17 @@ impl Authenticator {
     /// Sign an HS256 token with the configured secret (for `relay token` and the demo page).
     /// `None` when no secret is configured.
     pub fn issue(&self, sub: &str, channels: ChannelClaims, ttl: Duration) -> Option<String> {
+        self.issue_with(sub, channels, false, ttl)
+    }
+
+    /// [`Authenticator::issue`], with the `admin` claim when `admin` is true.
+    pub fn issue_with(
+        &self,
+        sub: &str,
+        channels: ChannelClaims,
+        admin: bool,
+        ttl: Duration,
+    ) -> Option<String> {
         let (kid, key) = self.signing.as_ref()?;
         let now = now_secs();
         let claims = Claims {
@@ -274,6 +292,7 @@ impl Authenticator {
             aud: self.audience.clone(),
             iss: self.issuer.clone(),
             channels,
+            admin,
         };
         let mut header = Header::new(Algorithm::HS256);
         header.kid = kid.clone();

@@ -36,6 +36,7 @@ use crate::{
         (name = "messages", description = "Publish and history"),
         (name = "realtime", description = "WebSocket and Server-Sent Events"),
         (name = "health", description = "Probes"),
+        (name = "webhooks", description = "Outbound webhooks (docs/webhooks.md); tokens with the `admin` claim"),
     ),
     modifiers(&SecuritySchemes)
 )]
@@ -83,6 +84,8 @@ pub struct ApiLimits {
     pub max_subscriptions: usize,
     /// `publish.max_batch_messages`: the most items of one batch publish.
     pub max_batch_messages: usize,
+    /// `webhooks.max_timeout` in milliseconds: the largest `timeout_ms` of a webhook.
+    pub max_webhook_timeout_ms: u64,
 }
 
 impl From<&Settings> for ApiLimits {
@@ -92,6 +95,8 @@ impl From<&Settings> for ApiLimits {
             default_page_size: settings.history.default_page_size,
             max_subscriptions: settings.ws.max_subscriptions,
             max_batch_messages: settings.publish.max_batch_messages,
+            max_webhook_timeout_ms: u64::try_from(settings.webhooks.max_timeout.as_millis())
+                .unwrap_or(u64::MAX),
         }
     }
 }
@@ -100,6 +105,7 @@ impl From<&Settings> for ApiLimits {
 /// location (`channel`, `channels`, `since`, `limit`, `Last-Event-ID`, `Idempotency-Key`).
 pub(super) fn constrain(doc: &mut OpenApi, limits: &ApiLimits) {
     constrain_batch(doc, limits);
+    constrain_webhook_body(doc, limits);
     for item in doc.paths.paths.values_mut() {
         let operations = [
             &mut item.get,
@@ -114,11 +120,18 @@ pub(super) fn constrain(doc: &mut OpenApi, limits: &ApiLimits) {
 }
 
 fn constrain_operation(operation: &mut Operation, limits: &ApiLimits) {
+    let webhooks = operation.tags.iter().flatten().any(|t| t == "webhooks");
     for parameter in operation.parameters.iter_mut().flatten() {
         let RefOr::T(parameter) = parameter else {
             continue;
         };
         let schema = match (&parameter.parameter_in, parameter.name.as_str()) {
+            (ParameterIn::Path, "id") if webhooks => webhook_id_schema(),
+            (ParameterIn::Path, "delivery") if webhooks => uuid_schema(),
+            // `http::webhooks::list_dead_deliveries`: 1 to 1000, not history's page size.
+            (ParameterIn::Query, "limit") if webhooks => {
+                int64(1, 1000).default(Some(100.into())).into()
+            }
             (ParameterIn::Path, "channel") => channel_schema(),
             (ParameterIn::Query, "channels") => channel_list_schema(limits.max_subscriptions),
             (ParameterIn::Query, "since") => offset_schema(Some(0)),
@@ -162,6 +175,100 @@ fn constrain_batch(doc: &mut OpenApi, limits: &ApiLimits) {
             .properties
             .insert("messages".to_owned(), RefOr::T(messages.into()));
     }
+}
+
+/// `webhooks::valid_id`.
+fn webhook_id_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(crate::webhooks::MAX_ID_LEN))
+        .pattern(Some(format!(
+            "^[A-Za-z0-9_-]{{1,{}}}$",
+            crate::webhooks::MAX_ID_LEN
+        )))
+        .into()
+}
+
+/// A hyphenated UUID, as `http::webhooks::retry_dead_delivery` parses it.
+fn uuid_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::Custom("uuid".to_owned())))
+        .min_length(Some(36))
+        .max_length(Some(36))
+        .pattern(Some(WEBHOOK_UUID_PATTERN))
+        .into()
+}
+
+pub const WEBHOOK_UUID_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+/// `webhooks::WebhookSpec` checks: the URL's start and alphabet (the rest — a host, no
+/// credentials, an allowed host — is refused with 400 and cannot be a schema).
+pub const WEBHOOK_URL_PATTERN: &str = "^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$";
+/// A webhook secret: printable ASCII.
+pub const WEBHOOK_SECRET_PATTERN: &str = "^[ -~]+$";
+
+/// A channel pattern (`auth::permissions::Pattern`): a channel name, or a prefix and one `*`.
+fn channel_pattern_schema() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_CHANNEL_LEN + 1))
+        .pattern(Some(format!(
+            "^({CHANNEL_CHAR_CLASS}{{1,{MAX_CHANNEL_LEN}}}|{CHANNEL_CHAR_CLASS}{{0,{MAX_CHANNEL_LEN}}}\\*)$"
+        )))
+        .into()
+}
+
+/// The body of `POST /api/v1/webhooks` as `http::webhooks::create_webhook` checks it.
+fn constrain_webhook_body(doc: &mut OpenApi, limits: &ApiLimits) {
+    use crate::webhooks::{
+        MAX_ATTEMPTS, MAX_PATTERNS, MAX_SECRET_BYTES, MAX_URL_LEN, MIN_SECRET_BYTES, MIN_TIMEOUT,
+    };
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let Some(RefOr::T(Schema::Object(body))) = components.schemas.get_mut("CreateWebhook") else {
+        return;
+    };
+    let string = |min: usize, max: usize, pattern: &str| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(min))
+            .max_length(Some(max))
+            .pattern(Some(pattern))
+    };
+    body.properties.insert(
+        "url".to_owned(),
+        RefOr::T(string(9, MAX_URL_LEN, WEBHOOK_URL_PATTERN).into()),
+    );
+    body.properties.insert(
+        "secret".to_owned(),
+        RefOr::T(string(MIN_SECRET_BYTES, MAX_SECRET_BYTES, WEBHOOK_SECRET_PATTERN).into()),
+    );
+    let channels = ArrayBuilder::new()
+        .items(RefOr::T(channel_pattern_schema()))
+        .min_items(Some(1))
+        .max_items(Some(MAX_PATTERNS));
+    body.properties
+        .insert("channels".to_owned(), RefOr::T(channels.into()));
+    let optional_int = |min: i64, max: i64| {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+            .minimum(Some(min))
+            .maximum(Some(max))
+    };
+    let min_timeout = i64::try_from(MIN_TIMEOUT.as_millis()).unwrap_or(100);
+    let max_timeout = i64::try_from(limits.max_webhook_timeout_ms).unwrap_or(i64::MAX);
+    body.properties.insert(
+        "timeout_ms".to_owned(),
+        RefOr::T(optional_int(min_timeout, max_timeout).into()),
+    );
+    body.properties.insert(
+        "max_attempts".to_owned(),
+        RefOr::T(optional_int(1, i64::from(MAX_ATTEMPTS)).into()),
+    );
 }
 
 /// `protocol::valid_idempotency_key`: 1 to `MAX_IDEMPOTENCY_KEY` visible ASCII characters.

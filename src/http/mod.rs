@@ -17,6 +17,7 @@ pub mod messages;
 pub mod middleware;
 pub mod realtime;
 pub mod serve;
+pub mod webhooks;
 
 use axum::{
     Router,
@@ -46,7 +47,12 @@ pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(routes!(health::readyz))
         .routes(routes!(realtime::upgrade))
         .routes(routes!(messages::list_messages, messages::publish_message))
-        .routes(routes!(batch::publish_batch));
+        .routes(routes!(batch::publish_batch))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::get_webhook, webhooks::delete_webhook))
+        .routes(routes!(webhooks::list_dead_deliveries))
+        .routes(routes!(webhooks::retry_dead_deliveries))
+        .routes(routes!(webhooks::retry_dead_delivery));
     #[cfg(feature = "sse")]
     let routes = routes.routes(routes!(realtime::stream));
     routes
@@ -131,7 +137,7 @@ fn cors_layer(http: &HttpSettings) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(origin)
-            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
             .allow_headers([
                 header::CONTENT_TYPE,
                 header::AUTHORIZATION,

@@ -3,7 +3,9 @@
 //! restart, and only one replica can use it.
 //!
 //! Channel quotas and the floors of removed channels work as in Postgres (see the
-//! `channel_floors` migration), under the one lock, so removal needs no second round.
+//! `channel_floors` migration), under the one lock, so removal needs no second round. The
+//! webhook outbox ([`super::memory_outbox`]) is under the same lock: a message and its
+//! deliveries are recorded together.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -16,6 +18,7 @@ use serde_json::value::RawValue;
 
 use super::{
     batch::{self, Earlier, NewMessage, Rules},
+    memory_outbox::MemoryOutbox,
     messages::{AppendOptions, Appended, ChannelPosition, StoredMessage},
 };
 
@@ -24,10 +27,13 @@ pub struct MemoryLog {
     inner: Mutex<Inner>,
     /// Newest messages kept per channel (`history.max_per_channel`), enforced on append.
     max_per_channel: usize,
+    /// Wakes the webhook dispatcher when an append recorded deliveries.
+    work: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
-struct Inner {
+pub(super) struct Inner {
+    pub(super) outbox: MemoryOutbox,
     channels: HashMap<String, ChannelLog>,
     /// Channels per creating subject.
     created: HashMap<String, u32>,
@@ -123,10 +129,26 @@ impl MemoryLog {
             max_per_channel: usize::try_from(max_per_channel)
                 .unwrap_or(usize::MAX)
                 .max(1),
+            work: tokio::sync::Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    /// Keep at most `capacity` webhook deliveries (`webhooks.memory_capacity`).
+    pub fn with_outbox_capacity(self, capacity: usize) -> Self {
+        self.lock().outbox = MemoryOutbox::new(capacity);
+        self
+    }
+
+    /// Resolves once an append recorded deliveries since the last call.
+    pub async fn outbox_work(&self) {
+        self.work.notified().await;
+    }
+
+    pub(super) fn wake_outbox(&self) {
+        self.work.notify_one();
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -186,8 +208,12 @@ impl MemoryLog {
             inner.keys.retain(|_, k| k.created_at > since);
             inner.sweep_keys_at = (inner.keys.len() * 2).max(1024);
         }
+        let mut deliveries = 0;
         for &(index, offset) in &plan.rows {
             let message = &messages[index];
+            deliveries += inner
+                .outbox
+                .enqueue(&message.channel, offset, &message.data, now);
             let Some(log) = inner.channels.get_mut(&*message.channel) else {
                 continue; // Written above, under the same lock.
             };
@@ -209,6 +235,9 @@ impl MemoryLog {
                     .keys
                     .insert((message.channel.to_string(), key.to_string()), key_use);
             }
+        }
+        if deliveries > 0 {
+            self.wake_outbox();
         }
         plan.outcomes
     }

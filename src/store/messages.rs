@@ -10,6 +10,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::{
     StoreError,
     batch::{self, Earlier, NewMessage, Rules},
+    outbox::{self, HookCache},
 };
 
 /// A message as stored.
@@ -90,7 +91,9 @@ impl AppendOptions<'_> {
 /// 2. read how those channels stand (and, when needed, the creators' channel counts and the
 ///    earlier publishes of idempotency keys);
 /// 3. let [`batch::plan`] decide;
-/// 4. write every channel's new last offset and every message in one statement.
+/// 4. write every channel's new last offset and every message in one statement, with one
+///    webhook delivery per (stored message, matching webhook) when there are webhooks (the
+///    outbox, [`super::outbox`]): a committed message always has its deliveries.
 ///
 /// `ordered` is called once the locks are held: from then on, a batch started later commits
 /// after this one in every channel they share (the group committer starts the next batch then).
@@ -104,6 +107,7 @@ pub async fn append_batch(
     messages: &[NewMessage],
     group_sizes: &[usize],
     rules: Rules,
+    hooks: &HookCache,
     ordered: impl FnOnce(),
 ) -> Result<Vec<Appended>, StoreError> {
     let mut names: Vec<&str> = messages.iter().map(|m| &*m.channel).collect();
@@ -126,7 +130,8 @@ pub async fn append_batch(
     // A new statement after the locks, so its snapshot sees every commit made before them.
     let rows = sqlx::query(
         r#"
-        SELECT q.name, c.last_offset, COALESCE(f.floor, 0) AS floor, now() AS now
+        SELECT q.name, c.last_offset, COALESCE(f.floor, 0) AS floor, now() AS now,
+               (SELECT generation FROM webhook_generation) AS hooks_generation
         FROM unnest($1::text[]) AS q(name)
         LEFT JOIN channels c ON c.name = q.name
         LEFT JOIN channel_floors f ON f.bucket = channel_bucket(q.name)
@@ -137,11 +142,13 @@ pub async fn append_batch(
     .await?;
     let mut lookup = Prefetched::default();
     let mut now = Utc::now();
+    let mut generation = 0;
     for row in rows {
         let name: String = row.try_get("name")?;
         let last: Option<i64> = row.try_get("last_offset")?;
         let floor: i64 = row.try_get("floor")?;
         now = row.try_get("now")?;
+        generation = row.try_get("hooks_generation")?;
         lookup
             .channels
             .insert(name, (last.unwrap_or(floor), last.is_some()));
@@ -217,23 +224,36 @@ pub async fn append_batch(
         }
     }
     let plan = batch::plan(messages, group_sizes, &lookup, rules, now);
+    let mut deliveries = 0;
     if !plan.rows.is_empty() {
-        write(&mut tx, messages, &plan).await?;
+        let matcher = outbox::matcher_at(&mut tx, hooks, generation).await?;
+        // (webhook, row of the plan) for every stored message and webhook it goes to.
+        let hooked: Vec<(&str, usize)> = if matcher.is_empty() {
+            Vec::new()
+        } else {
+            plan.rows
+                .iter()
+                .enumerate()
+                .flat_map(|(row, &(i, _))| {
+                    matcher
+                        .matching(&messages[i].channel)
+                        .into_iter()
+                        .map(move |w| (w, row))
+                })
+                .collect()
+        };
+        deliveries = hooked.len();
+        write(&mut tx, messages, &plan, &hooked).await?;
     }
     tx.commit().await?;
+    if deliveries > 0 {
+        hooks.wake();
+    }
     Ok(plan.outcomes)
 }
 
-/// The one write statement of a batch.
-async fn write(
-    conn: &mut PgConnection,
-    messages: &[NewMessage],
-    plan: &batch::Plan,
-) -> Result<(), StoreError> {
-    let (existing, new): (Vec<_>, Vec<_>) =
-        plan.channels.iter().partition(|c| c.previous.is_some());
-    let row = sqlx::query(
-        r#"
+/// The write statement of a batch without webhook deliveries...
+const WRITE: &str = r#"
         WITH updated AS (
             UPDATE channels c SET last_offset = u.last_offset
             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(name, previous, last_offset)
@@ -251,41 +271,112 @@ async fn write(
             RETURNING 1
         )
         SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM created) AS created
-        "#,
-    )
-    .bind(existing.iter().map(|c| &*c.name).collect::<Vec<_>>())
-    .bind(existing.iter().map(|c| c.previous).collect::<Vec<_>>())
-    .bind(existing.iter().map(|c| c.last_offset).collect::<Vec<_>>())
-    .bind(new.iter().map(|c| &*c.name).collect::<Vec<_>>())
-    .bind(new.iter().map(|c| c.last_offset).collect::<Vec<_>>())
-    .bind(new.iter().map(|c| &*c.creator).collect::<Vec<_>>())
-    .bind(
-        plan.rows
-            .iter()
-            .map(|&(i, _)| &*messages[i].channel)
-            .collect::<Vec<_>>(),
-    )
-    .bind(plan.rows.iter().map(|&(_, o)| o).collect::<Vec<_>>())
-    .bind(
-        plan.rows
-            .iter()
-            .map(|&(i, _)| messages[i].data.get())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        plan.rows
-            .iter()
-            .map(|&(i, _)| messages[i].idempotency_key.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+        "#;
+
+/// ...and with them: each delivery copies its message's stored row (data as `jsonb` stored it,
+/// `created_at` as `published_at`), found by (channel, offset) among the rows just inserted.
+const WRITE_WITH_DELIVERIES: &str = r#"
+        WITH updated AS (
+            UPDATE channels c SET last_offset = u.last_offset
+            FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(name, previous, last_offset)
+            WHERE c.name = u.name AND c.last_offset = u.previous
+            RETURNING 1
+        ), created AS (
+            INSERT INTO channels (name, last_offset, created_by)
+            SELECT * FROM unnest($4::text[], $5::int8[], $6::text[])
+            ON CONFLICT (name) DO NOTHING
+            RETURNING 1
+        ), inserted AS (
+            INSERT INTO messages (channel, "offset", data, idempotency_key)
+            SELECT m.channel, m.o, m.data::jsonb, m.key
+            FROM unnest($7::text[], $8::int8[], $9::text[], $10::text[]) AS m(channel, o, data, key)
+            RETURNING channel, "offset", data, created_at
+        ), delivered AS (
+            INSERT INTO webhook_deliveries (id, webhook_id, channel, message_offset, data, published_at)
+            SELECT gen_random_uuid(), h.webhook, i.channel, i."offset", i.data, i.created_at
+            FROM unnest($11::text[], $12::text[], $13::int8[]) AS h(webhook, channel, o)
+            JOIN inserted i ON i.channel = h.channel AND i."offset" = h.o
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM created) AS created,
+               (SELECT count(*) FROM delivered) AS delivered
+        "#;
+
+/// The one write statement of a batch; `hooked` lists (webhook, index into `plan.rows`).
+async fn write(
+    conn: &mut PgConnection,
+    messages: &[NewMessage],
+    plan: &batch::Plan,
+    hooked: &[(&str, usize)],
+) -> Result<(), StoreError> {
+    let (existing, new): (Vec<_>, Vec<_>) =
+        plan.channels.iter().partition(|c| c.previous.is_some());
+    let statement = if hooked.is_empty() {
+        WRITE
+    } else {
+        WRITE_WITH_DELIVERIES
+    };
+    let query = sqlx::query(statement)
+        .bind(existing.iter().map(|c| &*c.name).collect::<Vec<_>>())
+        .bind(existing.iter().map(|c| c.previous).collect::<Vec<_>>())
+        .bind(existing.iter().map(|c| c.last_offset).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| &*c.name).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| c.last_offset).collect::<Vec<_>>())
+        .bind(new.iter().map(|c| &*c.creator).collect::<Vec<_>>())
+        .bind(
+            plan.rows
+                .iter()
+                .map(|&(i, _)| &*messages[i].channel)
+                .collect::<Vec<_>>(),
+        )
+        .bind(plan.rows.iter().map(|&(_, o)| o).collect::<Vec<_>>())
+        .bind(
+            plan.rows
+                .iter()
+                .map(|&(i, _)| messages[i].data.get())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.rows
+                .iter()
+                .map(|&(i, _)| messages[i].idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        );
+    let query = if hooked.is_empty() {
+        query
+    } else {
+        query
+            .bind(hooked.iter().map(|&(w, _)| w).collect::<Vec<_>>())
+            .bind(
+                hooked
+                    .iter()
+                    .map(|&(_, row)| &*messages[plan.rows[row].0].channel)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                hooked
+                    .iter()
+                    .map(|&(_, row)| plan.rows[row].1)
+                    .collect::<Vec<_>>(),
+            )
+    };
+    let row = query.fetch_one(&mut *conn).await?;
     let updated: i64 = row.try_get("updated")?;
     let created: i64 = row.try_get("created")?;
     if updated.unsigned_abs() as usize != existing.len()
         || created.unsigned_abs() as usize != new.len()
     {
         return Err(StoreError::Contended);
+    }
+    if !hooked.is_empty() {
+        let delivered: i64 = row.try_get("delivered")?;
+        if delivered.unsigned_abs() as usize != hooked.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{} webhook deliveries written of {}",
+                delivered,
+                hooked.len()
+            )));
+        }
     }
     Ok(())
 }

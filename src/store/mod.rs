@@ -7,7 +7,9 @@
 
 pub mod batch;
 pub mod memory;
+pub mod memory_outbox;
 pub mod messages;
+pub mod outbox;
 
 use std::time::{Duration, Instant};
 
@@ -87,7 +89,11 @@ impl MessageStore {
         options: messages::AppendOptions<'_>,
     ) -> Result<messages::Appended, StoreError> {
         let (message, rules) = options.into_batch(channel, data);
-        let outcomes = self.append_batch(&[message], &[1], rules, || {}).await?;
+        // A cache of its own: correct (it is checked against the generation), only not warm.
+        let hooks = outbox::HookCache::default();
+        let outcomes = self
+            .append_batch(&[message], &[1], rules, &hooks, || {})
+            .await?;
         outcomes
             .into_iter()
             .next()
@@ -96,17 +102,20 @@ impl MessageStore {
 
     /// Commit a batch of groups of messages in one transaction; one outcome per message, in
     /// order. `ordered` is called once the batch's place in its channels' order is fixed (see
-    /// [`messages::append_batch`]); see [`batch`] for groups and rules.
+    /// [`messages::append_batch`]); see [`batch`] for groups and rules. Every stored message
+    /// gets a webhook delivery per matching webhook in the same transaction ([`outbox`]);
+    /// `hooks` caches the webhooks between batches.
     pub async fn append_batch(
         &self,
         messages: &[batch::NewMessage],
         group_sizes: &[usize],
         rules: batch::Rules,
+        hooks: &outbox::HookCache,
         ordered: impl FnOnce(),
     ) -> Result<Vec<messages::Appended>, StoreError> {
         match self {
             Self::Postgres(pool) => {
-                messages::append_batch(pool, messages, group_sizes, rules, ordered).await
+                messages::append_batch(pool, messages, group_sizes, rules, hooks, ordered).await
             }
             Self::Memory(log) => {
                 let outcomes = log.append_batch(messages, group_sizes, rules);

@@ -338,6 +338,62 @@ pub const METRICS: &[Metric] = &[
         "Postgres pool connections by state (read at scrape time; absent in embedded mode)",
         Dynamic,
     ),
+    // Webhooks (docs/webhooks.md)
+    counter(
+        "relay_webhook_deliveries_attempted_total",
+        "Webhook requests sent",
+        Plain,
+    ),
+    counter(
+        "relay_webhook_deliveries_succeeded_total",
+        "Webhook requests answered 2xx",
+        Plain,
+    ),
+    counter(
+        "relay_webhook_deliveries_failed_total",
+        "Failed webhook attempts by reason (status, network, timeout, refused)",
+        Each("reason", &["status", "network", "timeout", "refused"]),
+    ),
+    counter(
+        "relay_webhook_deliveries_dead_total",
+        "Webhook deliveries that became dead (final status or attempts exhausted)",
+        Plain,
+    ),
+    counter(
+        "relay_webhook_deliveries_released_total",
+        "Webhook claims given back unfinished at shutdown",
+        Plain,
+    ),
+    counter(
+        "relay_webhook_deliveries_dropped_total",
+        "Webhook deliveries not recorded because the memory outbox was full (embedded mode)",
+        Each("reason", &["outbox_full"]),
+    ),
+    counter(
+        "relay_webhook_store_errors_total",
+        "Failed outbox claims or outcome writes (retried; leases expire)",
+        Plain,
+    ),
+    histogram(
+        "relay_webhook_delivery_duration_seconds",
+        "Time of one webhook attempt, connection to response",
+        Plain,
+    ),
+    gauge(
+        "relay_webhook_deliveries_in_flight",
+        "Webhook requests in flight on this replica",
+        Plain,
+    ),
+    gauge(
+        "relay_webhook_queue_depth",
+        "Pending webhook deliveries in the outbox (shared by all replicas with Postgres)",
+        Plain,
+    ),
+    gauge(
+        "relay_webhook_dead_deliveries",
+        "Dead webhook deliveries kept for listing and retry",
+        Plain,
+    ),
     // Health
     gauge(
         "relay_ready",

@@ -420,7 +420,7 @@ impl Browser {
                     log_tail(&log_path)
                 );
             }
-            if let Ok(res) = reqwest::get(&status_url).await
+            if let Ok(res) = crate::helpers::http_client().get(&status_url).send().await
                 && res.status().is_success()
             {
                 return;

@@ -16,6 +16,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
 pub use crate::services::{postgres_url, redis_url};
 
+/// An HTTP client for tests. reqwest is built with rustls and no crypto provider of its own
+/// (relay's webhook client brings ring), so the process's provider is installed first: a
+/// client built before it would panic.
+pub fn http_client() -> reqwest::Client {
+    relay::tls::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// Settings as the `local` environment would load them, pointed at the test services.
 pub fn base_settings() -> Settings {
     let opts = LoadOptions {
@@ -201,7 +209,7 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
         lifecycle,
         pubsub,
         store,
-        http: reqwest::Client::new(),
+        http: http_client(),
         server: Some(server),
     }
 }
@@ -780,7 +788,7 @@ impl RelayProcess {
     }
 
     pub async fn wait_ready(&self) {
-        let http = reqwest::Client::new();
+        let http = http_client();
         for _ in 0..200 {
             if http
                 .get(format!("http://{}/readyz", self.addr))
@@ -797,7 +805,9 @@ impl RelayProcess {
 
     /// GET `path` and parse the JSON body.
     pub async fn get_json(&self, path: &str) -> Value {
-        reqwest::get(format!("http://{}{path}", self.addr))
+        http_client()
+            .get(format!("http://{}{path}", self.addr))
+            .send()
             .await
             .expect("request")
             .json()

@@ -23,7 +23,9 @@ async fn sigterm_turns_readiness_off_then_exits_zero_within_the_deadline() {
     // The signal is handled asynchronously, so a request racing it may still see 200; readiness
     // must turn off well inside the 1 s grace while the server keeps answering.
     let body = loop {
-        let res = reqwest::get(&readyz)
+        let res = crate::helpers::http_client()
+            .get(&readyz)
+            .send()
             .await
             .expect("still serving during the readiness grace");
         if res.status() == 503 {
@@ -53,7 +55,7 @@ async fn relay_serve_without_urls_runs_embedded_end_to_end() {
     // No database URL in the environment and an empty Redis URL: the local config's defaults.
     let mut relay = RelayProcess::start(&[("APP__REDIS__URL", String::new())]);
     relay.wait_ready().await;
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     let ready = relay.get_json("/readyz").await;
     assert_eq!(ready["embedded"], true, "{ready}");
     assert_eq!(

@@ -20,3 +20,4 @@ mod realtime;
 mod recovery;
 mod services;
 mod tls;
+mod webhooks;

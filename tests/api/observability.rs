@@ -589,7 +589,7 @@ async fn one_trace_spans_http_publish_on_one_replica_and_delivery_on_another() {
     let mut ws = crate::helpers::WsClient { stream };
     ws.expect_type("subscribed").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let res = reqwest::Client::new()
+    let res = crate::helpers::http_client()
         .post(format!("http://{}/api/v1/channels/traced/messages", a.addr))
         .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
         .json(&json!({"data": "hello"}))
@@ -645,7 +645,7 @@ async fn only_trusted_peers_can_force_sampling_with_traceparent() {
     let forced = "0af7651916cd43dd8448eb211c80319c";
     let refused = "1bf7651916cd43dd8448eb211c80319d";
     for (relay, trace_id) in [(&trusting, forced), (&untrusting, refused)] {
-        let res = reqwest::Client::new()
+        let res = crate::helpers::http_client()
             .post(format!("http://{}/api/v1/channels/t/messages", relay.addr))
             .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
             .json(&json!({"data": 1}))

@@ -90,6 +90,7 @@ fn the_documented_constraints_are_the_validators() {
         default_page_size: 100,
         max_subscriptions: 3,
         max_batch_messages: 7,
+        max_webhook_timeout_ms: 30_000,
     };
     let doc = serde_json::to_value(relay::http::openapi(&limits)).unwrap();
 
@@ -209,4 +210,79 @@ async fn the_served_document_follows_the_configuration() {
         400
     );
     assert_eq!(app.get("/sse?channels=a,b,c").await.status(), 400);
+}
+
+/// The webhook body's and paths' constraints are the validators: the channel-pattern schema
+/// admits exactly what `Pattern::parse` accepts, the secret schema what `WebhookSpec` accepts,
+/// the id schema what `webhooks::valid_id` accepts.
+#[test]
+fn the_documented_webhook_constraints_are_the_validators() {
+    use relay::{auth::permissions::Pattern, webhooks};
+    let limits = ApiLimits {
+        max_page_size: 1000,
+        default_page_size: 100,
+        max_subscriptions: 3,
+        max_batch_messages: 7,
+        max_webhook_timeout_ms: 30_000,
+    };
+    let doc = serde_json::to_value(relay::http::openapi(&limits)).unwrap();
+    let body = &doc["components"]["schemas"]["CreateWebhook"]["properties"];
+    let pattern = &body["channels"]["items"];
+    for entry in [
+        "a",
+        "orders:*",
+        "*",
+        "a*b",
+        "**",
+        "*a",
+        "sp ace",
+        "",
+        "x.y-z_1:",
+        &"x".repeat(128),
+        &"x".repeat(129),
+        &format!("{}*", "x".repeat(128)),
+        &format!("{}*", "x".repeat(129)),
+    ] {
+        assert_eq!(
+            admits(pattern, entry),
+            Pattern::parse(entry).is_ok(),
+            "{entry:?}"
+        );
+    }
+    assert_eq!(body["channels"]["maxItems"], webhooks::MAX_PATTERNS);
+    assert_eq!(body["timeout_ms"]["maximum"], 30_000);
+    let secret = &body["secret"];
+    for s in [
+        "0123456789abcdef",
+        "short",
+        "0123456789abcde\n",
+        "0123456789abcdeé",
+        &"x".repeat(256),
+        &"x".repeat(257),
+    ] {
+        let valid = (16..=256).contains(&s.len()) && s.bytes().all(|b| (b' '..=b'~').contains(&b));
+        assert_eq!(admits(secret, s), valid, "{s:?}");
+    }
+    let id = parameter(&doc, "GET /api/v1/webhooks/{id}", "id");
+    for s in [
+        "wh_0af",
+        "billing-1",
+        "",
+        "a b",
+        "a/b",
+        &"x".repeat(64),
+        &"x".repeat(65),
+    ] {
+        assert_eq!(admits(id, s), webhooks::valid_id(s), "{s:?}");
+    }
+    let url = &body["url"];
+    for (s, ok) in [
+        ("https://h.example/x", true),
+        ("HTTP://h/", true),
+        (" http://h/", false),
+        ("ftp://h/", false),
+        ("http://a b/", false),
+    ] {
+        assert_eq!(admits(url, s), ok, "{s:?}");
+    }
 }

@@ -32,6 +32,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // reqwest has rustls (relay's webhook client) and takes the process's provider.
+    relay::tls::install_crypto_provider();
     let args = args::Args::parse();
     if args.floor_sink {
         return floor::sink();
