@@ -5,7 +5,8 @@
 #                                    # (default target/debug/relay and target/debug/relay-loadgen)
 #
 # Needs Postgres ($TEST_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres) and the
-# `redis-server` binary; installs Debian's `prometheus` (prometheus + promtool) when missing.
+# `redis-server` binary; installs Debian's `prometheus` (prometheus + promtool) and `curl` when
+# missing.
 # Everything else is private and removed at the end: a database, a redis-server, relay and a
 # Prometheus of its own (not the system service: temporary config and TSDB, 1 s scrape and
 # evaluation interval), each on an unused loopback port. Steps:
@@ -59,11 +60,14 @@ wait_for() {
 }
 
 # --- tools ----------------------------------------------------------------------------------------
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  say "installing Debian's prometheus (prometheus, promtool)"
+missing=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+command -v curl >/dev/null || missing+=(curl)
+if [[ ${#missing[@]} -gt 0 ]]; then
+  say "installing ${missing[*]} (Debian packages)"
   apt-get update -qq
   # Without recommends: no node exporter and its timers; the service is never started here.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v redis-server >/dev/null || fail "redis-server is not installed"
 for bin in "$RELAY_BIN" "$LOADGEN_BIN"; do
@@ -150,6 +154,9 @@ sleep 2
 
 # --- 4. every dashboard query ---------------------------------------------------------------------
 python3 .ci/prometheus_check.py queries --url "$PROM" deploy/grafana/relay.json
+# /metrics runs the readiness checks; a slow scrape (timeout 1s) would read as up == 0.
+curl -sf "$PROM/api/v1/query" --data-urlencode 'query=max_over_time(scrape_duration_seconds{job="relay"}[5m])' \
+  | python3 -c 'import json, sys; r = json.load(sys.stdin)["data"]["result"]; print("slowest scrape of /metrics: %.1f ms" % (float(r[0]["value"][1]) * 1000))'
 
 # --- 5. alerts on purpose -------------------------------------------------------------------------
 # The broken file sink, while Redis is healthy: only the access-log alert may fire.

@@ -754,9 +754,12 @@ impl RelayProcess {
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        let (addr, admin) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay logs its address");
+        let Ok((addr, admin)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            // Not left running after the test: nothing else would stop it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relay did not log its \"listening\" line (at info level) within 30s");
+        };
         Self {
             child,
             addr,
