@@ -30,6 +30,9 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /build/recipe.json recipe.json
+# Patched crates (vendor/README.md) are dependencies, not workspace members: the recipe does not
+# carry them, so they come in before the dependency build.
+COPY vendor/ vendor/
 # Dependencies only: this layer is reused until Cargo.toml / Cargo.lock change.
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .

@@ -8,11 +8,18 @@
 # later runs reuse it. Checks:
 #   hadolint        Dockerfile lint
 #   rust-version    the Dockerfile's Rust image tag equals rust-toolchain.toml's channel
-#   compose         docker-compose.yml (default and `replicas` profile) against the Compose spec
+#   compose         docker-compose.yml (default, `replicas` and `observability` profiles) against
+#                   the Compose spec
 #   kustomize       `kubectl kustomize` of k8s/base and every k8s/overlays/*
 #   k8s-schema      kubernetes-validate --strict of each render, for every $KUBE_VERSIONS
 #   checkov         security scan of the renders and the Dockerfile (skips need inline reasons)
 #   policy          project rules: termination arithmetic, probes, rollout, secrets, skip reasons
+#   observability   .ci/observability_policy.py: the Grafana dashboard and the alert rules use only
+#                   metrics relay exports, every alert links to its runbook section, the
+#                   PrometheusRule is generated from alerts.yml, the compose profile provisions
+#                   Prometheus and Grafana; every overlay rendered with k8s/components/*
+#                   (ServiceMonitor, PrometheusRule) passes the schema, checkov and the
+#                   scrape-path rules (monitor -> Service -> metrics port, NetworkPolicy admits it)
 #   config-env      `relay check-config` on every environment the files give relay; SKIP unless a
 #                   relay binary exists ($RELAY_BIN, target/release/relay or target/debug/relay);
 #                   uses config/ unless $RELAY_CONFIG_DIR names the config matching that binary
@@ -102,9 +109,13 @@ check_compose() {
   "$compose" -f docker-compose.yml config --quiet
   say "default services: $("$compose" -f docker-compose.yml config --services | tr '\n' ' ')"
   "$compose" -f docker-compose.yml --profile replicas config --quiet
-  "$compose" -f docker-compose.yml --profile replicas config --format json >"$WORK/compose.json"
   say "with profile replicas: $("$compose" -f docker-compose.yml --profile replicas config --services | tr '\n' ' ')"
-  say "docker-compose.yml is valid (default and replicas profiles)"
+  "$compose" -f docker-compose.yml --profile observability config --quiet
+  say "with profile observability: $("$compose" -f docker-compose.yml --profile observability config --services | tr '\n' ' ')"
+  # Every service, for the policy checks.
+  "$compose" -f docker-compose.yml --profile replicas --profile observability config --format json \
+    >"$WORK/compose.json"
+  say "docker-compose.yml is valid (default, replicas and observability profiles)"
 }
 
 # Names of the rendered overlays (checks run in subshells, so state lives in files).
@@ -178,6 +189,31 @@ check_policy() {
   say "termination budget, probes, rollout, secret references and skip reasons OK"
 }
 
+check_observability() {
+  local kubectl="$VENV/bin/kubectl" dir name args=() v
+  # Each overlay as a user would extend it: the same tree with both components added.
+  cp -r k8s "$WORK/k8s-monitoring"
+  mkdir -p "$WORK/monitoring"
+  for dir in "$WORK"/k8s-monitoring/overlays/*/; do
+    name="$(basename "$dir")"
+    printf '\ncomponents:\n  - ../../components/servicemonitor\n  - ../../components/prometheus-rules\n' \
+      >>"$dir/kustomization.yaml"
+    "$kubectl" kustomize "$dir" >"$WORK/monitoring/$name.yaml"
+    say "$name + components: $(grep '^kind:' "$WORK/monitoring/$name.yaml" | cut -d' ' -f2 | sort | tr '\n' ' ')"
+    args+=("$name=$WORK/monitoring/$name.yaml")
+  done
+  for v in $KUBE_VERSIONS; do
+    # The Operator's kinds have no schema here (a warning); the rest is checked strictly.
+    "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn --kubernetes-version "$v" "$WORK"/monitoring/*.yaml
+  done
+  say "renders with the components: valid against Kubernetes ${KUBE_VERSIONS// /, } (strict)"
+  "$VENV/bin/checkov" --quiet --compact --skip-download --framework kubernetes \
+    --directory "$WORK/monitoring"
+  "$VENV/bin/python" .ci/observability_policy.py prometheusrule
+  "$VENV/bin/python" .ci/observability_policy.py check --compose "$WORK/compose.json" "${args[@]}"
+  say "dashboard, alert rules, runbook links, compose profile and monitoring components OK"
+}
+
 check_config_env() {
   local bin="${RELAY_BIN:-}" args=() candidate
   if [[ -z "$bin" ]]; then
@@ -213,6 +249,7 @@ if [[ -f "$WORK/base.yaml" && -n "$(overlays)" ]]; then
   run_check checkov check_checkov
   if [[ -f "$WORK/compose.json" ]]; then
     run_check policy check_policy
+    run_check observability check_observability
     run_check config-env check_config_env
   else
     RESULTS+=("FAIL  policy        0s  needs a valid compose file"); FAILED=1

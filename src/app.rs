@@ -22,7 +22,7 @@ use crate::{
     lifecycle::Lifecycle,
     pubsub::{PubSub, PubSubError},
     retention,
-    state::AppState,
+    state::{AppState, Shared},
     store::{
         self, MessageStore, StoreError,
         batch::Rules,
@@ -95,6 +95,10 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
+        // The recorder first: what the startup sequence records (queue gauges, task series) is
+        // kept, and every series exists before the first scrape.
+        let metrics = telemetry::metrics::install();
+        telemetry::metrics::register_startup();
         // Keys first: a missing key file should stop startup before anything connects.
         let auth = Arc::new(crate::auth::Authenticator::from_settings(&settings.auth)?);
         let lifecycle = Lifecycle::new();
@@ -149,8 +153,6 @@ impl Application {
             );
         }
         let access_log = AccessLog::start(&settings.access_log, store.pool(), &lifecycle);
-        let metrics = telemetry::metrics::install();
-        dispatcher::register_metrics();
         if settings.webhooks.enabled {
             let client = dispatcher::client(&settings, Arc::clone(&webhook_hosts))
                 .map_err(|e| StartupError::Webhooks(e.to_string()))?;
@@ -167,7 +169,7 @@ impl Application {
             "rate_limit_upkeep",
             crate::rate_limit::run_upkeep(Arc::clone(&limits), lifecycle.clone()),
         );
-        let state = AppState {
+        let state = AppState::new(Shared {
             settings,
             store,
             history,
@@ -179,7 +181,7 @@ impl Application {
             limits,
             outbox,
             webhook_hosts,
-        };
+        });
         Ok(Self {
             listener,
             local_addr,

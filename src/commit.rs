@@ -269,6 +269,8 @@ impl Task {
                     match result {
                         Ok(outcomes) => self.answer(vec![job], &[size], group, outcomes),
                         Err(err) => {
+                            metrics::counter!("relay_publish_commit_failures_total")
+                                .increment(size as u64);
                             let _ = job.reply.send(Err(CommitError::Store(Arc::new(err))));
                         }
                     }
@@ -276,6 +278,8 @@ impl Task {
             }
             Err(err) => {
                 tracing::warn!(%err, messages = messages.len(), "publish batch failed");
+                metrics::counter!("relay_publish_commit_failures_total")
+                    .increment(messages.len() as u64);
                 let err = CommitError::Store(Arc::new(err));
                 for job in jobs {
                     let _ = job.reply.send(Err(err.clone()));
@@ -310,6 +314,7 @@ impl Task {
             let _ = job.reply.send(Ok(mine));
         }
         if !committed.is_empty() {
+            metrics::counter!("relay_messages_committed_total").increment(committed.len() as u64);
             self.pubsub.publish_batch(committed);
         }
     }

@@ -341,6 +341,10 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// An `EnvFilter` directive such as `info` or `info,relay=debug`.
     pub level: String,
+    /// Also log each finished HTTP request as an application line ("request finished", at
+    /// `info`, in `format`). Off by default: the access log is the request record, and two lines
+    /// per request doubled stdout (and mixed two formats in `pretty` mode).
+    pub request_lines: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

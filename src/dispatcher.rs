@@ -69,32 +69,6 @@ pub enum DispatcherError {
     Client(String),
 }
 
-/// Every webhook metric, at zero, so dashboards and alerts see them from startup. Registered
-/// by adding zero: the recorder is per process, and a counter never goes back.
-pub fn register_metrics() {
-    for name in [
-        "relay_webhook_deliveries_attempted_total",
-        "relay_webhook_deliveries_succeeded_total",
-        "relay_webhook_deliveries_dead_total",
-        "relay_webhook_deliveries_released_total",
-        "relay_webhook_store_errors_total",
-    ] {
-        metrics::counter!(name).increment(0);
-    }
-    for reason in ["status", "network", "timeout", "refused"] {
-        metrics::counter!("relay_webhook_deliveries_failed_total", "reason" => reason).increment(0);
-    }
-    metrics::counter!("relay_webhook_deliveries_dropped_total", "reason" => "outbox_full")
-        .increment(0);
-    for gauge in [
-        "relay_webhook_queue_depth",
-        "relay_webhook_dead_deliveries",
-        "relay_webhook_deliveries_in_flight",
-    ] {
-        metrics::gauge!(gauge).increment(0.0);
-    }
-}
-
 /// The one HTTP client of the dispatcher: pooled connections, rustls with ring and the Mozilla
 /// roots (like Redis and Postgres), the SSRF-checking resolver, no redirects, no proxies from
 /// the environment, no retries of its own (the outbox retries).

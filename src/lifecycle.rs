@@ -75,6 +75,8 @@ impl Lifecycle {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        // The series exists from the start, so a failure shows as an increase from 0.
+        metrics::counter!("relay_task_failures_total", "task" => name).increment(0);
         let task = self.spawn(name, task);
         let lifecycle = self.clone();
         // Tracked, so the drain waits for the verdict; not in `running`, where it would only

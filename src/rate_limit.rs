@@ -65,15 +65,8 @@ fn refused(limit: &'static str, retry_after: Duration) -> Limited {
 
 impl RateLimits {
     pub fn new(settings: &LimitSettings) -> Arc<Self> {
-        // Every label exists from startup, so dashboards show 0 rather than no data.
-        for limit in [
-            "publish_per_connection",
-            "publish_per_subject",
-            "http_per_ip",
-            "channels_per_subject",
-        ] {
-            metrics::counter!("relay_rate_limited_total", "limit" => limit).absolute(0);
-        }
+        // Every label exists from startup (telemetry::metrics::METRICS lists them), so
+        // dashboards show 0 rather than no data.
         Arc::new(Self {
             per_subject: quota(settings.publish_per_subject).map(RateLimiter::keyed),
             per_ip: quota(settings.http_per_ip).map(RateLimiter::keyed),

@@ -43,6 +43,10 @@ impl AccessLog {
         lifecycle: &Lifecycle,
     ) -> Self {
         let trusted_proxies: Arc<[ipnet::IpNet]> = settings.trusted_networks().into();
+        // Every series exists from startup (0), so dashboards and alerts see drops from the first.
+        for reason in ["queue_full", "closed"] {
+            metrics::counter!("relay_access_log_dropped_total", "reason" => reason).increment(0);
+        }
         if settings.sinks.is_empty() {
             return Self {
                 queue: None,

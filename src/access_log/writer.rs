@@ -36,8 +36,15 @@ pub(super) fn start(
             tracing::warn!(sink = ?kind, "access-log sink needs Postgres; skipped");
             continue;
         };
+        let name = sink.name();
+        metrics::counter!("relay_access_log_entries_total", "sink" => name).increment(0);
+        metrics::counter!("relay_access_log_sink_errors_total", "sink" => name).increment(0);
+        for reason in ["sink_backlog", "sink_failed"] {
+            metrics::counter!("relay_access_log_dropped_total", "reason" => reason, "sink" => name)
+                .increment(0);
+        }
         let (tx, rx) = mpsc::channel(SINK_INBOX);
-        inboxes.push((sink.name(), tx));
+        inboxes.push((name, tx));
         lifecycle.spawn_flusher("access_log_sink", run_sink(sink, rx));
     }
     lifecycle.spawn_flusher(

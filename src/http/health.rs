@@ -6,6 +6,9 @@
 //!   listener is connected, and shutdown has not begun. Checks run concurrently, each within
 //!   `health.check_timeout`.
 //!
+//! The admin port's `/metrics` evaluates the same checks at scrape time ([`Readiness`]), so
+//! Prometheus sees `relay_ready` and each dependency's state without probing the public port.
+//!
 //! `/readyz` is on the public port, so it must not be an amplifier: the dependency round trips
 //! are shared — concurrent requests wait for one check, and its result is reused for
 //! `health.cache_ttl`. The body names what failed, never the driver's error text (that goes to the
@@ -92,6 +95,83 @@ impl ReadinessCache {
     }
 }
 
+/// One evaluation of readiness: what `/readyz` answers, and what `/metrics` reports as
+/// `relay_ready`, `relay_dependency_up{dependency}` and `relay_pubsub_listener_connected`.
+pub struct Readiness {
+    /// `postgres`/`redis`, or in embedded mode `memory_history`/`memory_broker`.
+    history: (String, Check),
+    broker: (String, Check),
+    listener_ok: bool,
+    draining: bool,
+    embedded: bool,
+    backends: (&'static str, &'static str),
+}
+
+impl Readiness {
+    /// Run (or reuse, within `health.cache_ttl`) the dependency checks.
+    pub async fn evaluate(state: &AppState, cache: &ReadinessCache) -> Self {
+        let (history, broker) = cache.checks(state).await;
+        // Checks are named after the backend in use: `postgres`/`redis`, or in embedded mode
+        // `memory_history`/`memory_broker`.
+        let history_backend = state.store.backend();
+        let broker_backend = state.pubsub.backend();
+        let name = |role: &str, backend: &str| {
+            if backend == "memory" {
+                format!("memory_{role}")
+            } else {
+                backend.to_owned()
+            }
+        };
+        Self {
+            history: (name("history", history_backend), history),
+            broker: (name("broker", broker_backend), broker),
+            listener_ok: state.pubsub.is_listening(),
+            draining: state.lifecycle.is_draining(),
+            embedded: history_backend == "memory" || broker_backend == "memory",
+            backends: (history_backend, broker_backend),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.history.1.error.is_none()
+            && self.broker.1.error.is_none()
+            && self.listener_ok
+            && !self.draining
+    }
+
+    /// The readiness gauges, set at scrape time from this evaluation.
+    pub fn record_metrics(&self) {
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        metrics::gauge!("relay_ready").set(flag(self.is_ready()));
+        metrics::gauge!("relay_pubsub_listener_connected").set(flag(self.listener_ok));
+        metrics::gauge!("relay_shutting_down").set(flag(self.draining));
+        for (name, check) in [&self.history, &self.broker] {
+            metrics::gauge!("relay_dependency_up", "dependency" => name.clone())
+                .set(flag(check.error.is_none()));
+            metrics::gauge!("relay_dependency_check_seconds", "dependency" => name.clone())
+                .set(check.latency_ms / 1000.0);
+        }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        let ready = self.is_ready();
+        let mut checks = serde_json::Map::new();
+        checks.insert(self.history.0.clone(), json!(self.history.1));
+        checks.insert(self.broker.0.clone(), json!(self.broker.1));
+        checks.insert(
+            "pubsub_listener".to_owned(),
+            json!({ "status": if self.listener_ok { "ok" } else { "fail" } }),
+        );
+        json!({
+            "status": if ready { "ok" } else { "unavailable" },
+            "shutting_down": self.draining,
+            "embedded": self.embedded,
+            "backends": { "history": self.backends.0, "broker": self.backends.1 },
+            "checks": checks,
+        })
+    }
+}
+
 /// Readiness: Postgres, Redis and the pub/sub listener answer, and no shutdown is under way.
 #[utoipa::path(
     get,
@@ -106,39 +186,11 @@ pub async fn readyz(
     State(state): State<AppState>,
     Extension(readiness): Extension<Arc<ReadinessCache>>,
 ) -> impl IntoResponse {
-    let (history, broker) = readiness.checks(&state).await;
-    let listener_ok = state.pubsub.is_listening();
-    let draining = state.lifecycle.is_draining();
-    let ready = history.error.is_none() && broker.error.is_none() && listener_ok && !draining;
-    let status = if ready {
+    let readiness = Readiness::evaluate(&state, &readiness).await;
+    let status = if readiness.is_ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    // Checks are named after the backend in use: `postgres`/`redis`, or in embedded mode
-    // `memory_history`/`memory_broker`.
-    let history_backend = state.store.backend();
-    let broker_backend = state.pubsub.backend();
-    let name = |role: &str, backend: &str| {
-        if backend == "memory" {
-            format!("memory_{role}")
-        } else {
-            backend.to_owned()
-        }
-    };
-    let mut checks = serde_json::Map::new();
-    checks.insert(name("history", history_backend), json!(history));
-    checks.insert(name("broker", broker_backend), json!(broker));
-    checks.insert(
-        "pubsub_listener".to_owned(),
-        json!({ "status": if listener_ok { "ok" } else { "fail" } }),
-    );
-    let body = json!({
-        "status": if ready { "ok" } else { "unavailable" },
-        "shutting_down": draining,
-        "embedded": history_backend == "memory" || broker_backend == "memory",
-        "backends": { "history": history_backend, "broker": broker_backend },
-        "checks": checks,
-    });
-    (status, Json(body))
+    (status, Json(readiness.body()))
 }

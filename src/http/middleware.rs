@@ -4,8 +4,10 @@
 //!   request extensions and in a task-local (so any code running for the request, including error
 //!   rendering, can read it with [`current_request_id`]) and echoes it on the response.
 //! * [`trace_layer`]: one span per request carrying method, matched route, request id, status and
-//!   latency, closed with an `info` line, which is the service's request log. An incoming
-//!   `traceparent` is continued; its sampled flag is obeyed only from
+//!   latency, so every line logged while serving it (and its trace) carries them. The request
+//!   record itself is the access log's entry; with `log.request_lines` the span also closes with
+//!   an `info` "request finished" line (off by default, or stdout gets two lines per request). An
+//!   incoming `traceparent` is continued; its sampled flag is obeyed only from
 //!   `telemetry.trusted_trace_peers`.
 //!
 //! This module owns the request id and knows nothing of the error type: the error type reads the
@@ -142,14 +144,19 @@ impl<B> tower_http::trace::MakeSpan<B> for MakeSpan {
     }
 }
 
-/// The request span and the one log line per finished request.
+/// The request span, and with `log.request_lines` a log line per finished request.
 pub fn trace_layer(
     settings: &Settings,
 ) -> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, MakeSpan, (), OnResponse> {
+    let on_response: OnResponse = if settings.log.request_lines {
+        log_response
+    } else {
+        record_response
+    };
     TraceLayer::new_for_http()
         .make_span_with(MakeSpan::new(settings))
         .on_request(())
-        .on_response(on_response as OnResponse)
+        .on_response(on_response)
 }
 
 fn make_span<B>(rules: &MakeSpan, req: &axum::http::Request<B>) -> Span {
@@ -182,13 +189,18 @@ fn make_span<B>(rules: &MakeSpan, req: &axum::http::Request<B>) -> Span {
     span
 }
 
-fn on_response(res: &Response, latency: Duration, span: &Span) {
-    let latency_ms = latency.as_secs_f64() * 1000.0;
+/// Status and latency on the span (and so on its trace), without a log line.
+fn record_response(res: &Response, latency: Duration, span: &Span) {
     span.record("status", res.status().as_u16());
-    span.record("latency_ms", latency_ms);
+    span.record("latency_ms", latency.as_secs_f64() * 1000.0);
+}
+
+/// [`record_response`], plus the "request finished" line (`log.request_lines`).
+fn log_response(res: &Response, latency: Duration, span: &Span) {
+    record_response(res, latency, span);
     tracing::info!(
         status = res.status().as_u16(),
-        latency_ms,
+        latency_ms = latency.as_secs_f64() * 1000.0,
         "request finished"
     );
 }

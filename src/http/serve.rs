@@ -56,6 +56,12 @@ pub async fn serve(
                 }
             },
         };
+        // Realtime frames are small and written one by one: with Nagle's algorithm a frame
+        // written while the previous one is unacknowledged waits for the client's delayed ACK
+        // (up to 40 ms on Linux). Go servers (Centrifugo, Mercure) disable it by default too.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%err, %peer, "could not set TCP_NODELAY");
+        }
         // Handlers read the peer address like with `into_make_service_with_connect_info`.
         let service = router
             .clone()

@@ -331,6 +331,23 @@ impl MemoryLog {
     }
 
     /// Whether `channel` exists (has been published to and not removed by retention).
+    /// Messages and channels held, and the bytes of their data.
+    pub fn size(&self) -> super::messages::HistorySize {
+        let inner = self.lock();
+        let (messages, bytes) = inner
+            .channels
+            .values()
+            .flat_map(|log| &log.messages)
+            .fold((0i64, 0i64), |(n, bytes), m| {
+                (n + 1, bytes + m.data.get().len() as i64)
+            });
+        super::messages::HistorySize {
+            messages,
+            channels: inner.channels.len() as i64,
+            bytes,
+        }
+    }
+
     pub fn has_channel(&self, channel: &str) -> bool {
         self.lock().channels.contains_key(channel)
     }

@@ -542,6 +542,40 @@ pub async fn raise_floors(pool: &PgPool) -> Result<u64, StoreError> {
     Ok(result.rows_affected())
 }
 
+/// The size of history: every replica shares it, so each reports the same numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistorySize {
+    pub messages: i64,
+    pub channels: i64,
+    pub bytes: i64,
+}
+
+/// Counting rows on every scrape would scan the tables, so the counts are the planner's
+/// statistics (`pg_class.reltuples`, kept current by autovacuum's analyse), exact only while a
+/// table has never been analysed (`reltuples` < 0; a new, small table); the size on disk
+/// (`pg_total_relation_size`: heap, TOAST and indexes) is always current. Catalog lookups only.
+pub async fn history_size(pool: &PgPool) -> Result<HistorySize, StoreError> {
+    let (messages, channels, bytes): (i64, i64, i64) = sqlx::query_as(
+        r#"
+        SELECT
+            CASE WHEN m.reltuples < 0 THEN (SELECT count(*) FROM messages)
+                 ELSE m.reltuples::bigint END,
+            CASE WHEN c.reltuples < 0 THEN (SELECT count(*) FROM channels)
+                 ELSE c.reltuples::bigint END,
+            pg_total_relation_size(m.oid)
+        FROM pg_class m, pg_class c
+        WHERE m.oid = 'messages'::regclass AND c.oid = 'channels'::regclass
+        "#,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(HistorySize {
+        messages,
+        channels,
+        bytes,
+    })
+}
+
 /// Delete up to `batch` messages older than `max_age`. Returns how many were deleted.
 pub async fn prune_older_than(
     pool: &PgPool,

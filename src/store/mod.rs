@@ -201,6 +201,14 @@ impl MessageStore {
         }
     }
 
+    /// How big history is (the `relay_history_*` gauges, read at scrape time).
+    pub async fn history_size(&self) -> Result<messages::HistorySize, StoreError> {
+        match self {
+            Self::Postgres(pool) => messages::history_size(pool).await,
+            Self::Memory(log) => Ok(log.size()),
+        }
+    }
+
     /// A round trip to the backend (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

@@ -14,20 +14,7 @@ use sqlx::{Connection, Executor, PgConnection};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
 
-/// Postgres server the tests use (override with `TEST_DATABASE_URL`).
-pub fn postgres_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Redis server the tests use (override with `TEST_REDIS_URL`).
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-const HOW_TO_START: &str = "start the services with `docker compose up -d postgres redis`, or on a \
-machine with them installed: `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
-and `redis-server --daemonize yes --port 6379`";
+pub use crate::services::{postgres_url, redis_url};
 
 /// An HTTP client for tests. reqwest is built with rustls and no crypto provider of its own
 /// (relay's webhook client brings ring), so the process's provider is installed first: a
@@ -72,14 +59,14 @@ impl Drop for TestDatabase {
 /// Create an empty database. Panics, naming the service, if Postgres is down.
 pub async fn create_database() -> TestDatabase {
     let admin_url = postgres_url();
-    let mut conn = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
-        panic!("Postgres is not reachable at {admin_url} ({e}); {HOW_TO_START}")
-    });
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("Postgres is not reachable at {admin_url} ({e})"));
     let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
     conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
         .await
         .expect("create test database");
-    let mut url = url::Url::parse(&admin_url).expect("TEST_DATABASE_URL is a URL");
+    let mut url = url::Url::parse(admin_url).expect("TEST_DATABASE_URL is a URL");
     url.set_path(&name);
     TestDatabase {
         name,
@@ -95,7 +82,7 @@ fn drop_database(name: String) {
             .build()
             .ok()?;
         rt.block_on(async {
-            let mut conn = PgConnection::connect(&postgres_url()).await.ok()?;
+            let mut conn = PgConnection::connect(postgres_url()).await.ok()?;
             conn.execute(sqlx::AssertSqlSafe(format!(
                 r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
             )))
@@ -108,14 +95,14 @@ fn drop_database(name: String) {
 
 async fn check_redis() {
     let url = redis_url();
-    let client = redis::Client::open(url.as_str()).expect("TEST_REDIS_URL is a Redis URL");
+    let client = redis::Client::open(url).expect("TEST_REDIS_URL is a Redis URL");
     let result = tokio::time::timeout(
         Duration::from_secs(3),
         client.get_multiplexed_async_connection(),
     )
     .await;
     if !matches!(result, Ok(Ok(_))) {
-        panic!("Redis is not reachable at {url}; {HOW_TO_START}");
+        panic!("Redis is not reachable at {url}");
     }
 }
 
@@ -667,17 +654,76 @@ impl Metrics {
     pub fn has(&self, name: &str) -> bool {
         self.samples.iter().any(|(n, _, _)| n == name)
     }
+
+    /// The value of the series `name` whose labels include all of `labels`, if there is one.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| *v)
+    }
 }
 
 /// The `relay` binary running as a child process.
 pub struct RelayProcess {
     pub child: std::process::Child,
     pub addr: String,
+    /// The admin port's address (`/metrics`).
+    pub admin: String,
+    /// Every line the process has written to stdout so far.
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// The API and admin addresses of relay's "listening" line, in either log format.
+fn listening_addrs(line: &str) -> Option<(String, String)> {
+    if let Ok(v) = serde_json::from_str::<Value>(line) {
+        if v["message"] != "listening" {
+            return None;
+        }
+        let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        return Some((field("addr"), field("admin")));
+    }
+    // `pretty`: `... listening addr=127.0.0.1:1234 admin=127.0.0.1:5678`, with ANSI styling.
+    let plain = strip_ansi(line);
+    if !plain.contains(" listening ") {
+        return None;
+    }
+    let field = |k: &str| {
+        plain
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    Some((field("addr="), field("admin=")))
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl RelayProcess {
     /// Start `relay serve` with these variables on top of a test-friendly base (ports 0, JSON
-    /// logs), and wait for its "listening" line to learn the address.
+    /// logs), and wait for its "listening" line to learn the addresses.
     pub fn start(env: &[(&str, String)]) -> Self {
         use std::io::{BufRead, BufReader};
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_relay"));
@@ -697,20 +743,51 @@ impl RelayProcess {
         }
         let mut child = command.spawn().expect("start relay");
         let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && v["message"] == "listening"
-                {
-                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                if let Some(addrs) = listening_addrs(&line) {
+                    let _ = tx.send(addrs);
                 }
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay logs its address");
-        Self { child, addr }
+        let Ok((addr, admin)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            // Not left running after the test: nothing else would stop it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relay did not log its \"listening\" line (at info level) within 30s");
+        };
+        Self {
+            child,
+            addr,
+            admin,
+            stdout: lines,
+        }
+    }
+
+    /// GET the admin port's `/metrics` and parse it.
+    pub async fn metrics(&self) -> Metrics {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics request")
+            .text()
+            .await
+            .expect("metrics body");
+        Metrics::parse(&text)
+    }
+
+    /// The stdout lines containing `needle` (ANSI styling removed).
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|l| strip_ansi(l))
+            .filter(|l| l.contains(needle))
+            .collect()
     }
 
     pub async fn wait_ready(&self) {

@@ -142,7 +142,7 @@ async fn rejected_publishes_touch_neither_postgres_nor_redis() {
 #[tokio::test]
 async fn storable_data_is_exactly_what_postgres_stores() {
     use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&crate::helpers::postgres_url())
+    let mut conn = sqlx::PgConnection::connect(crate::helpers::postgres_url())
         .await
         .unwrap();
     let mut cases: Vec<String> = [

@@ -26,7 +26,7 @@ async fn run_loadgen(app: &TestApp, via: &str) -> Value {
         "--publish-via",
         via,
         "--redis-url",
-        redis.as_str(),
+        redis,
         "--redis-prefix",
         app.settings.redis.channel_prefix.as_str(),
         "--drain",

@@ -18,5 +18,6 @@ mod openapi;
 mod publishing;
 mod realtime;
 mod recovery;
+mod services;
 mod tls;
 mod webhooks;

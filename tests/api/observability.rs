@@ -8,7 +8,9 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::helpers::{RelayProcess, create_database, spawn_app, spawn_app_with};
+use relay::telemetry::metrics::{Kind, METRICS, Startup};
+
+use crate::helpers::{OwnRedis, RelayProcess, create_database, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn every_request_and_session_gets_exactly_one_entry_in_file_and_postgres() {
@@ -210,6 +212,302 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
     assert!(after.has("relay_listener_lag_seconds_count"));
     // The admin port is separate from the API: /metrics is not public.
     assert_eq!(app.get("/metrics").await.status(), 404);
+}
+
+/// Every metric name the code records: the string literal that opens a `counter!`, `gauge!` or
+/// `histogram!` call anywhere in `src/`. Read from the source, so a new metric cannot be left
+/// out of the checks below.
+fn metric_names_in_source() -> BTreeSet<String> {
+    fn walk(dir: &std::path::Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("read src/") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                walk(&path, files);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut names = BTreeSet::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read a source file");
+        for mac in ["counter!(", "gauge!(", "histogram!("] {
+            for (at, _) in text.match_indices(mac) {
+                if text[..at].ends_with("describe_") {
+                    continue;
+                }
+                let rest = text[at + mac.len()..].trim_start();
+                // A name passed in a variable (the registration loop) is not a literal.
+                let Some(literal) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                let name = &literal[..literal.find('"').expect("a closed string literal")];
+                assert!(
+                    name.starts_with("relay_"),
+                    "{}: metric `{name}` lacks the relay_ prefix",
+                    file.display()
+                );
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// Issue 17: every gauge and counter is in `/metrics` from startup (0 or its real value), with
+/// the label values known in advance, so dashboards show 0 instead of "no data" and `rate()`
+/// sees a counter's first increment. A separate process, so no other test's traffic can have
+/// created a series first; scraped before any request reached the API port.
+#[tokio::test]
+async fn every_metric_in_the_source_is_exported_by_a_fresh_process() {
+    let in_source = metric_names_in_source();
+    assert!(in_source.len() > 40, "found only {in_source:?}");
+    let listed: BTreeSet<String> = METRICS.iter().map(|m| m.name.to_owned()).collect();
+    let unlisted: Vec<&String> = in_source.difference(&listed).collect();
+    assert!(
+        unlisted.is_empty(),
+        "recorded but missing from telemetry::metrics::METRICS (help text, startup series): {unlisted:?}"
+    );
+    let unused: Vec<&String> = listed.difference(&in_source).collect();
+    assert!(
+        unused.is_empty(),
+        "listed in METRICS but recorded nowhere: {unused:?}"
+    );
+
+    let db = create_database().await;
+    let relay = RelayProcess::start(&[
+        ("APP__DATABASE__URL", db.url.clone()),
+        ("APP__ACCESS_LOG__SINKS", "stdout".into()),
+    ]);
+    let fresh = relay.metrics().await;
+    // Labelled by requests (method, route, status): they cannot exist before one.
+    let per_request = [
+        "relay_http_requests_total",
+        "relay_http_request_duration_seconds",
+    ];
+    let mut missing = Vec::new();
+    for metric in METRICS {
+        let sample = match metric.kind {
+            Kind::Histogram => format!("{}_count", metric.name),
+            Kind::Counter | Kind::Gauge => metric.name.to_owned(),
+        };
+        if per_request.contains(&metric.name) {
+            assert!(!fresh.has(&sample), "{sample} before any request?");
+            continue;
+        }
+        if !fresh.has(&sample) {
+            missing.push(sample.clone());
+        }
+        if let Startup::Each(key, values) = metric.startup {
+            for value in values {
+                if fresh.get(&sample, &[(key, value)]).is_none() {
+                    missing.push(format!("{sample}{{{key}=\"{value}\"}}"));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in /metrics of a fresh process: {missing:?}"
+    );
+    // Series whose labels come from the configuration or the running tasks, with real values.
+    assert_eq!(
+        fresh.get(
+            "relay_access_log_dropped_total",
+            &[("reason", "sink_failed"), ("sink", "stdout")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        fresh.get("relay_task_failures_total", &[("task", "pubsub_core")]),
+        Some(0.0)
+    );
+    assert!(
+        fresh
+            .get("relay_dependency_up", &[("dependency", "postgres")])
+            .is_some()
+    );
+    assert!(
+        fresh
+            .get("relay_dependency_up", &[("dependency", "redis")])
+            .is_some()
+    );
+    assert_eq!(fresh.get("relay_ws_connections", &[]), Some(0.0));
+    assert_eq!(fresh.get("relay_history_messages", &[]), Some(0.0));
+
+    relay.wait_ready().await;
+    let after = relay.metrics().await;
+    for name in per_request {
+        let sample = if name.ends_with("_seconds") {
+            format!("{name}_count")
+        } else {
+            name.to_owned()
+        };
+        assert!(after.has(&sample), "{sample} after the first request");
+    }
+}
+
+/// The state gauges read at scrape time follow the service: readiness, each dependency, the
+/// listener and the size of history, in a process of its own on a private Redis.
+#[tokio::test]
+async fn readiness_dependencies_and_history_size_are_gauges() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let redis = OwnRedis::start(port);
+    redis.wait_up().await;
+    let db = create_database().await;
+    let mut relay = RelayProcess::start(&[
+        ("APP__DATABASE__URL", db.url.clone()),
+        ("APP__REDIS__URL", redis.url()),
+        ("APP__REDIS__RECONNECT_MAX_DELAY", "300ms".into()),
+        ("APP__REDIS__COMMAND_TIMEOUT", "500ms".into()),
+        ("APP__HEALTH__CACHE_TTL", "0s".into()),
+        ("APP__SHUTDOWN__READINESS_GRACE", "2s".into()),
+    ]);
+    relay.wait_ready().await;
+    for i in 0..3 {
+        let res = reqwest::Client::new()
+            .post(format!(
+                "http://{}/api/v1/channels/sized-{i}/messages",
+                relay.addr
+            ))
+            .json(&json!({"data": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+    }
+    let up = relay.metrics().await;
+    let value = |m: &crate::helpers::Metrics, name: &str, labels: &[(&str, &str)]| {
+        m.get(name, labels)
+            .unwrap_or_else(|| panic!("{name}{labels:?} in /metrics"))
+    };
+    assert_eq!(value(&up, "relay_ready", &[]), 1.0);
+    assert_eq!(value(&up, "relay_pubsub_listener_connected", &[]), 1.0);
+    assert_eq!(value(&up, "relay_shutting_down", &[]), 0.0);
+    assert_eq!(
+        value(&up, "relay_dependency_up", &[("dependency", "redis")]),
+        1.0
+    );
+    assert_eq!(
+        value(&up, "relay_dependency_up", &[("dependency", "postgres")]),
+        1.0
+    );
+    // A new table is counted exactly (never analysed yet).
+    assert_eq!(value(&up, "relay_history_messages", &[]), 3.0);
+    assert_eq!(value(&up, "relay_history_channels", &[]), 3.0);
+    assert!(value(&up, "relay_history_bytes", &[]) > 0.0);
+    assert_eq!(value(&up, "relay_messages_committed_total", &[]), 3.0);
+
+    drop(redis);
+    let started = Instant::now();
+    let down = loop {
+        let m = relay.metrics().await;
+        if m.get("relay_pubsub_listener_connected", &[]) == Some(0.0)
+            && m.get("relay_dependency_up", &[("dependency", "redis")]) == Some(0.0)
+        {
+            break m;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the gauges did not see Redis go"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(value(&down, "relay_ready", &[]), 0.0);
+    assert_eq!(
+        value(&down, "relay_dependency_up", &[("dependency", "postgres")]),
+        1.0
+    );
+
+    // The admin port keeps serving through the readiness grace, and says so.
+    relay.terminate();
+    let signalled = Instant::now();
+    loop {
+        let m = relay.metrics().await;
+        if m.get("relay_shutting_down", &[]) == Some(1.0) {
+            break;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(1),
+            "relay_shutting_down still 0 after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
+}
+
+/// Issue 17: with the default configuration each request is written to stdout once, as its
+/// access-log entry; `log.request_lines = true` adds the trace layer's "request finished" line.
+/// In `pretty` (the local default) and `json` (production) format.
+#[tokio::test]
+async fn one_line_per_request_by_default_and_the_request_line_on_request() {
+    let start = |format: &str, request_lines: Option<&str>| {
+        let mut env = vec![
+            ("APP__REDIS__URL", String::new()),
+            ("APP__ACCESS_LOG__SINKS", "stdout".to_owned()),
+            ("APP__ACCESS_LOG__FLUSH_INTERVAL", "50ms".to_owned()),
+            ("APP__LOG__FORMAT", format.to_owned()),
+        ];
+        if let Some(on) = request_lines {
+            env.push(("APP__LOG__REQUEST_LINES", on.to_owned()));
+        }
+        RelayProcess::start(&env)
+    };
+    let mut runs = [
+        ("pretty", None, start("pretty", None)),
+        ("json", None, start("json", None)),
+        ("json", Some("true"), start("json", Some("true"))),
+        ("pretty", Some("true"), start("pretty", Some("true"))),
+    ];
+    for (format, lines, relay) in &mut runs {
+        relay.wait_ready().await;
+        let http = reqwest::Client::new();
+        for i in 0..3 {
+            let id = format!("one-line-{format}-{}-{i}", lines.is_some());
+            let res = http
+                .get(format!("http://{}/healthz", relay.addr))
+                .header("x-request-id", &id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+        }
+        relay.terminate();
+        assert!(relay.wait_exit(Duration::from_secs(15)).await.success());
+    }
+    for (format, lines, relay) in &runs {
+        for i in 0..3 {
+            let id = format!("one-line-{format}-{}-{i}", lines.is_some());
+            let found = relay.lines_with(&id);
+            let access: Vec<&String> = found
+                .iter()
+                .filter(|l| l.starts_with(r#"{"log":"access","#))
+                .collect();
+            assert_eq!(access.len(), 1, "one access entry for {id}: {found:#?}");
+            let finished = found
+                .iter()
+                .filter(|l| l.contains("request finished"))
+                .count();
+            match lines {
+                None => assert_eq!(found.len(), 1, "{format}: one line for {id}: {found:#?}"),
+                Some(_) => {
+                    assert_eq!(
+                        finished, 1,
+                        "{format}: the request line for {id}: {found:#?}"
+                    );
+                    assert_eq!(found.len(), 2, "{format}: {found:#?}");
+                }
+            }
+        }
+    }
 }
 
 /// One span as the test collector saw it.

@@ -5,7 +5,7 @@
 //! CA is in no trust store, and without it configured the connection must be refused.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,7 +16,10 @@ use relay::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, base_settings, spawn_app_unready, spawn_app_with};
+use crate::{
+    helpers::{TestApp, base_settings, spawn_app_unready, spawn_app_with},
+    services::{self, unused_port},
+};
 
 /// Run `command`, panicking with its output if it fails: a missing tool must fail the test
 /// loudly, never skip it.
@@ -32,13 +35,6 @@ fn run(command: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn unused_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -205,35 +201,6 @@ impl Drop for TlsRedis {
     }
 }
 
-/// The directory with `initdb` and `pg_ctl`: `$TEST_PG_BIN`, else the newest
-/// `/usr/lib/postgresql/<version>/bin` (Debian's layout, as in CI).
-fn postgres_bin() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TEST_PG_BIN") {
-        return PathBuf::from(dir);
-    }
-    let root = Path::new("/usr/lib/postgresql");
-    let newest = std::fs::read_dir(root)
-        .ok()
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|version| root.join(format!("{version}/bin/initdb")).is_file())
-        .max();
-    match newest {
-        Some(version) => root.join(format!("{version}/bin")),
-        None => panic!(
-            "no Postgres server binaries under {}/<version>/bin (install the postgresql package, \
-             or point TEST_PG_BIN at the directory holding initdb and pg_ctl)",
-            root.display()
-        ),
-    }
-}
-
-/// Postgres refuses to run as root: the tests (root in CI) run its tools as `postgres`.
-fn running_as_root() -> bool {
-    run(Command::new("id").arg("-u")).trim() == "0"
-}
-
 /// A private Postgres cluster on an unused port of 127.0.0.1 and 127.0.0.2 with `ssl=on`;
 /// `pg_hba.conf` accepts TCP only over TLS (`hostssl`) and rejects everything else. Stopped and
 /// deleted on drop.
@@ -247,8 +214,8 @@ struct TlsPostgres {
 impl TlsPostgres {
     fn start(ca: &TestCa) -> Self {
         let dir = TempDir::new("pg");
-        let bin = postgres_bin();
-        let as_root = running_as_root();
+        let bin = services::postgres_bin().unwrap_or_else(|why| panic!("{why}"));
+        let as_root = services::running_as_root();
         let pg = Self {
             port: unused_port(),
             dir,
@@ -306,14 +273,7 @@ impl TlsPostgres {
 
     /// `bin/<name>`, run as `postgres` when the tests run as root.
     fn tool(&self, name: &str) -> Command {
-        let program = self.bin.join(name);
-        if self.as_root {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        }
+        services::postgres_tool(&self.bin, name, self.as_root)
     }
 
     /// A URL for the `postgres` database over TCP with this query string.

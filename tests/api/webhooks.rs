@@ -537,7 +537,7 @@ async fn a_killed_process_leaves_no_delivery_behind() {
     let prefix = format!("test:{}:", uuid::Uuid::new_v4().simple());
     let env = [
         ("APP__DATABASE__URL", db.url.clone()),
-        ("APP__REDIS__URL", redis_url()),
+        ("APP__REDIS__URL", redis_url().to_owned()),
         ("APP__REDIS__CHANNEL_PREFIX", prefix),
         ("APP__WEBHOOKS__ALLOWED_HOSTS", "127.0.0.1".to_owned()),
         (
