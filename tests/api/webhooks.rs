@@ -34,8 +34,11 @@ pub const HOOK_SECRET: &str = "receiver-secret-0123456789";
 /// How the receiver answers.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The first this many requests get 500.
+    /// The first this many requests get `fail_status` (500 unless set)...
     pub fail_first: usize,
+    pub fail_status: u16,
+    /// ...with this `Retry-After`, if any.
+    pub retry_after: Option<&'static str>,
     /// Then every request gets this.
     pub status: u16,
     /// Each request is answered after this long.
@@ -46,6 +49,8 @@ impl Default for Plan {
     fn default() -> Self {
         Self {
             fail_first: 0,
+            fail_status: 500,
+            retry_after: None,
             status: 200,
             delay: Duration::ZERO,
         }
@@ -60,6 +65,8 @@ pub struct Recorded {
     pub attempt: String,
     pub body: Bytes,
     pub status: u16,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -154,7 +161,12 @@ impl Drop for Receiver {
 }
 
 impl ReceiverState {
-    async fn answer(self: Arc<Self>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    async fn answer(
+        self: Arc<Self>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (StatusCode, [(&'static str, &'static str); 1]) {
+        let at = Instant::now();
         let n = self.seen.fetch_add(1, Ordering::SeqCst);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -168,8 +180,9 @@ impl ReceiverState {
         }
         let leaving = Leaving(&self.in_flight);
         tokio::time::sleep(plan.delay).await;
-        let status = if n < plan.fail_first {
-            500
+        let failing = n < plan.fail_first;
+        let status = if failing {
+            plan.fail_status
         } else {
             plan.status
         };
@@ -186,9 +199,14 @@ impl ReceiverState {
             attempt: header("x-relay-attempt"),
             body,
             status,
+            at,
         });
         drop(leaving);
-        StatusCode::from_u16(status).unwrap()
+        let retry_after = plan.retry_after.filter(|_| failing).unwrap_or("");
+        (
+            StatusCode::from_u16(status).unwrap(),
+            [("retry-after", retry_after)],
+        )
     }
 }
 
@@ -443,7 +461,39 @@ async fn an_unreachable_receiver_is_retried_then_dead(backend: Backend) {
     );
 }
 
+async fn retry_after_is_honoured(backend: Backend) {
+    let receiver = Receiver::start(Plan {
+        fail_first: 1,
+        fail_status: 429,
+        retry_after: Some("1"),
+        ..Plan::default()
+    })
+    .await;
+    let app = spawn_app_on(backend, |s| {
+        fast(s);
+        // The backoff alone would retry within 100 ms; Retry-After asks for a second.
+        s.webhooks.retry_max_delay = Duration::from_secs(5);
+    })
+    .await;
+    webhook(&app, &receiver.url(), &["limited"], json!({})).await;
+    publish(&app, "limited", json!(1)).await;
+    receiver
+        .wait_for(Duration::from_secs(10), |r| {
+            r.iter().any(|r| r.status == 200)
+        })
+        .await;
+    let answered = receiver.answered();
+    assert_eq!(answered.len(), 2, "one 429, then the success");
+    let waited = answered[1].at - answered[0].at;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "retried after {waited:?}, before Retry-After"
+    );
+    assert!(waited < Duration::from_secs(4), "retried after {waited:?}");
+}
+
 crate::on_both_backends!(
+    retry_after_is_honoured,
     retries_until_delivered_with_valid_signatures,
     final_status_is_not_retried_and_dead_deliveries_can_be_retried,
     an_unreachable_receiver_is_retried_then_dead,
