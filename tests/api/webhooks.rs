@@ -1112,11 +1112,12 @@ async fn throughput() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);
-    for (label, delay) in [
-        ("0 ms", Duration::ZERO),
-        ("50 ms", Duration::from_millis(50)),
+    for (label, delay, max_in_flight) in [
+        ("0 ms", Duration::ZERO, 64usize),
+        ("50 ms", Duration::from_millis(50), 64),
+        ("50 ms", Duration::from_millis(50), 256),
     ] {
-        for max_in_flight in [64usize] {
+        {
             let receiver = Receiver::start(Plan {
                 delay,
                 ..Plan::default()
