@@ -56,4 +56,10 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod webhooks;
+
+/// The Rust receiver snippet of docs/webhooks.md, run as a doctest (its other code blocks are
+/// not Rust, so rustdoc leaves them alone).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/webhooks.md")]
+pub struct WebhooksDocSnippets;
 pub mod ws;

@@ -109,6 +109,11 @@ mod tests {
             "t=1767225600,v1=".to_owned() + &expected_hex(),
             "the documented vector changed"
         );
+        // docs/webhooks.md's Rust snippet checks this very header (a doctest).
+        assert_eq!(
+            header,
+            "t=1767225600,v1=a1201e12fb3deb526139214e812311f059276582c47d85dccc286246edab8cf5"
+        );
     }
 
     /// Computed independently of `sign`: HMAC-SHA256 of `"<t>.<body>"`.
