@@ -41,8 +41,6 @@ pub struct HttpCtx {
 
 impl HttpCtx {
     pub fn new(args: &Args) -> Result<Self, String> {
-        // reqwest is built with rustls but no bundled provider (relay's choice): ring, once.
-        relay::tls::install_crypto_provider();
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = &args.token {
             let bearer = format!("Bearer {token}")
