@@ -252,8 +252,11 @@ pub async fn append_batch(
     Ok(plan.outcomes)
 }
 
-/// The write statement of a batch without webhook deliveries...
-const WRITE: &str = r#"
+/// What both write statements start with: the channels' new last offsets (existing ones only
+/// from the offset the plan read) and the messages.
+macro_rules! write_channels_and_messages {
+    () => {
+        r#"
         WITH updated AS (
             UPDATE channels c SET last_offset = u.last_offset
             FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(name, previous, last_offset)
@@ -268,28 +271,25 @@ const WRITE: &str = r#"
             INSERT INTO messages (channel, "offset", data, idempotency_key)
             SELECT m.channel, m.o, m.data::jsonb, m.key
             FROM unnest($7::text[], $8::int8[], $9::text[], $10::text[]) AS m(channel, o, data, key)
+"#
+    };
+}
+
+/// The write statement of a batch without webhook deliveries...
+const WRITE: &str = concat!(
+    write_channels_and_messages!(),
+    r#"
             RETURNING 1
         )
         SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM created) AS created
-        "#;
+        "#
+);
 
 /// ...and with them: each delivery copies its message's stored row (data as `jsonb` stored it,
 /// `created_at` as `published_at`), found by (channel, offset) among the rows just inserted.
-const WRITE_WITH_DELIVERIES: &str = r#"
-        WITH updated AS (
-            UPDATE channels c SET last_offset = u.last_offset
-            FROM unnest($1::text[], $2::int8[], $3::int8[]) AS u(name, previous, last_offset)
-            WHERE c.name = u.name AND c.last_offset = u.previous
-            RETURNING 1
-        ), created AS (
-            INSERT INTO channels (name, last_offset, created_by)
-            SELECT * FROM unnest($4::text[], $5::int8[], $6::text[])
-            ON CONFLICT (name) DO NOTHING
-            RETURNING 1
-        ), inserted AS (
-            INSERT INTO messages (channel, "offset", data, idempotency_key)
-            SELECT m.channel, m.o, m.data::jsonb, m.key
-            FROM unnest($7::text[], $8::int8[], $9::text[], $10::text[]) AS m(channel, o, data, key)
+const WRITE_WITH_DELIVERIES: &str = concat!(
+    write_channels_and_messages!(),
+    r#"
             RETURNING channel, "offset", data, created_at
         ), delivered AS (
             INSERT INTO webhook_deliveries (id, webhook_id, channel, message_offset, data, published_at)
@@ -300,7 +300,8 @@ const WRITE_WITH_DELIVERIES: &str = r#"
         )
         SELECT (SELECT count(*) FROM updated) AS updated, (SELECT count(*) FROM created) AS created,
                (SELECT count(*) FROM delivered) AS delivered
-        "#;
+        "#
+);
 
 /// The one write statement of a batch; `hooked` lists (webhook, index into `plan.rows`).
 async fn write(

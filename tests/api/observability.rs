@@ -373,7 +373,7 @@ async fn readiness_dependencies_and_history_size_are_gauges() {
     ]);
     relay.wait_ready().await;
     for i in 0..3 {
-        let res = reqwest::Client::new()
+        let res = crate::helpers::http_client()
             .post(format!(
                 "http://{}/api/v1/channels/sized-{i}/messages",
                 relay.addr
@@ -469,7 +469,7 @@ async fn one_line_per_request_by_default_and_the_request_line_on_request() {
     ];
     for (format, lines, relay) in &mut runs {
         relay.wait_ready().await;
-        let http = reqwest::Client::new();
+        let http = crate::helpers::http_client();
         for i in 0..3 {
             let id = format!("one-line-{format}-{}-{i}", lines.is_some());
             let res = http
