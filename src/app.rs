@@ -8,7 +8,6 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -88,20 +87,29 @@ pub struct Application {
     local_addr: SocketAddr,
     admin_listener: TcpListener,
     admin_addr: SocketAddr,
-    metrics: PrometheusHandle,
+    metrics: telemetry::metrics::Registry,
     state: AppState,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        // The app's own metrics first: what the startup sequence records (queue gauges, task
+        // series) lands in them, and every series exists before the first scrape.
+        let metrics = telemetry::metrics::Registry::new();
+        let lifecycle = Lifecycle::with_recorder(metrics.recorder());
+        lifecycle
+            .with_metrics(Self::assemble(settings, metrics, lifecycle.clone()))
+            .await
+    }
+
+    async fn assemble(
+        settings: Settings,
+        metrics: telemetry::metrics::Registry,
+        lifecycle: Lifecycle,
+    ) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
-        // The recorder first: what the startup sequence records (queue gauges, task series) is
-        // kept, and every series exists before the first scrape.
-        let metrics = telemetry::metrics::install();
-        telemetry::metrics::register_startup();
         // Keys first: a missing key file should stop startup before anything connects.
         let auth = Arc::new(crate::auth::Authenticator::from_settings(&settings.auth)?);
-        let lifecycle = Lifecycle::new();
         let store = open_store(&settings).await?;
         // Bind before starting any task, so a failed bind leaves none behind.
         let (listener, local_addr) =
@@ -197,6 +205,11 @@ impl Application {
         self.local_addr
     }
 
+    /// The app's metrics registry (what `/metrics` renders).
+    pub fn metrics(&self) -> telemetry::metrics::Registry {
+        self.metrics.clone()
+    }
+
     /// The admin address (`/metrics`).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
@@ -215,6 +228,11 @@ impl Application {
     /// the drain deadline passed (what was still running is logged); an error if the server
     /// failed or a critical task stopped unexpectedly.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
+        let lifecycle = self.state.lifecycle.clone();
+        lifecycle.with_metrics(self.serve()).await
+    }
+
+    async fn serve(self) -> Result<(), StartupError> {
         let Self {
             listener,
             local_addr,
@@ -228,7 +246,7 @@ impl Application {
         let flush_timeout = state.settings.shutdown.flush_timeout;
         let admin = axum::serve(
             admin_listener,
-            http::admin::router(state.clone(), metrics.clone()),
+            http::admin::router(state.clone(), metrics.handle().clone()),
         )
         .with_graceful_shutdown(lifecycle.cancelled_owned());
         lifecycle.spawn_critical("admin_server", async move {
@@ -238,7 +256,7 @@ impl Application {
         });
         lifecycle.spawn_critical(
             "metrics_upkeep",
-            telemetry::metrics::upkeep(metrics, lifecycle.clone()),
+            telemetry::metrics::upkeep(metrics.handle().clone(), lifecycle.clone()),
         );
         tracing::info!(addr = %local_addr, admin = %admin_addr, "listening");
         let app = http::router(state.clone());

@@ -256,6 +256,10 @@ async fn serve(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The only app of this process: it also takes what is recorded outside its tasks.
+    if !app.metrics().install_global() {
+        tracing::warn!("a process-wide metrics recorder was already installed");
+    }
     let lifecycle = app.lifecycle();
     // Runs beside the app (not spawned): first signal starts the graceful shutdown, a second one
     // exits at once.

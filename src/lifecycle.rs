@@ -13,13 +13,23 @@
 //! Tasks the service cannot work without go through [`Lifecycle::spawn_critical`]: if one ends
 //! before shutdown, the lifecycle records the failure and shuts down at once, and the process exits
 //! with an error so the orchestrator restarts it.
+//!
+//! The lifecycle also carries the app's metrics recorder ([`Lifecycle::with_recorder`]): every
+//! task it starts or tracks is polled with that recorder in scope ([`WithMetrics`]), so what a
+//! task records lands in its own app's registry. Several apps in one process (the integration
+//! tests, a benchmark) then keep separate counts instead of sharing one global recorder.
 
 use std::{
     collections::BTreeMap,
+    fmt,
     future::Future,
+    pin::Pin,
     sync::{Arc, Mutex, OnceLock, PoisonError},
+    task::{Context, Poll},
     time::Duration,
 };
+
+use metrics::Recorder;
 
 use tokio::task::JoinError;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -43,11 +53,83 @@ struct Inner {
     running: Mutex<BTreeMap<&'static str, usize>>,
     /// The first critical task that stopped before shutdown.
     failed: OnceLock<&'static str>,
+    /// The app's metrics recorder; `None` records to the process-wide one.
+    recorder: AppRecorder,
+}
+
+/// A shared metrics recorder (`None`: whatever the process installed globally).
+#[derive(Clone, Default)]
+struct AppRecorder(Option<Arc<dyn Recorder + Send + Sync>>);
+
+impl fmt::Debug for AppRecorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "AppRecorder(app)"
+        } else {
+            "AppRecorder(global)"
+        })
+    }
+}
+
+impl AppRecorder {
+    fn scope<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.0 {
+            Some(recorder) => metrics::with_local_recorder(&**recorder, f),
+            None => f(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled with its app's metrics recorder in scope ([`Lifecycle::with_metrics`]).
+    ///
+    /// The recorder is thread-local for the duration of each poll only, so the future may move
+    /// between worker threads freely.
+    pub struct WithMetrics<F> {
+        #[pin]
+        inner: F,
+        recorder: AppRecorder,
+    }
+}
+
+impl<F: Future> Future for WithMetrics<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        this.recorder.scope(|| inner.poll(cx))
+    }
 }
 
 impl Lifecycle {
+    /// A lifecycle whose tasks record metrics to the process-wide recorder.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A lifecycle whose tasks record metrics to `recorder` (the app's own registry).
+    pub fn with_recorder(recorder: Arc<dyn Recorder + Send + Sync>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                recorder: AppRecorder(Some(recorder)),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Run `f` with the app's recorder in scope, for synchronous code outside the app's tasks.
+    pub fn metrics_scope<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.inner.recorder.scope(f)
+    }
+
+    /// Poll `task` with the app's recorder in scope, for futures something else runs (axum's
+    /// upgrade task, a handler served by `axum::serve`, the caller of `Application::build`).
+    pub fn with_metrics<F: Future>(&self, task: F) -> WithMetrics<F> {
+        WithMetrics {
+            inner: task,
+            recorder: self.inner.recorder.clone(),
+        }
     }
 
     /// Start a background task owned by the app. `name` groups tasks in shutdown reports.
@@ -76,18 +158,20 @@ impl Lifecycle {
         F: Future<Output = ()> + Send + 'static,
     {
         // The series exists from the start, so a failure shows as an increase from 0.
-        metrics::counter!("relay_task_failures_total", "task" => name).increment(0);
+        self.metrics_scope(|| {
+            metrics::counter!("relay_task_failures_total", "task" => name).increment(0);
+        });
         let task = self.spawn(name, task);
         let lifecycle = self.clone();
         // Tracked, so the drain waits for the verdict; not in `running`, where it would only
         // repeat its task's entry.
-        self.inner.tracker.spawn(async move {
+        self.inner.tracker.spawn(self.with_metrics(async move {
             let outcome = task.await;
             // Ending once told to stop is the normal way out.
             if !lifecycle.is_cancelled() {
                 lifecycle.fail(name, outcome);
             }
-        });
+        }));
     }
 
     fn fail(&self, task: &'static str, outcome: Result<(), JoinError>) {
@@ -126,11 +210,11 @@ impl Lifecycle {
         F::Output: Send + 'static,
     {
         let guard = RunningGuard::new(self.clone(), name);
-        self.inner.flusher.spawn(async move {
+        self.inner.flusher.spawn(self.with_metrics(async move {
             let out = task.await;
             drop(guard);
             out
-        })
+        }))
     }
 
     /// Wait for the flush-phase tasks, up to `timeout`. Returns false if the deadline passed.
@@ -145,18 +229,19 @@ impl Lifecycle {
         }
     }
 
-    /// Wrap a future so the tracker waits for it, for tasks that something else spawns.
+    /// Wrap a future so the tracker waits for it (and it records to the app's metrics), for
+    /// tasks that something else spawns.
     pub fn track<F: Future>(
         &self,
         name: &'static str,
         task: F,
     ) -> impl Future<Output = F::Output> + use<F> {
         let guard = self.task_guard(name);
-        async move {
+        self.with_metrics(async move {
             let out = task.await;
             drop(guard);
             out
-        }
+        })
     }
 
     /// A guard that counts as a running task until dropped. For work that starts before its

@@ -34,6 +34,12 @@ pub fn router(state: AppState, metrics: PrometheusHandle) -> Router {
 }
 
 async fn render(State(admin): State<Admin>) -> impl IntoResponse {
+    // `axum::serve` runs this handler in its own task: scope it to the app's recorder.
+    let lifecycle = admin.state.lifecycle.clone();
+    lifecycle.with_metrics(scrape(admin)).await
+}
+
+async fn scrape(admin: Admin) -> impl IntoResponse {
     let state = &admin.state;
     if let Some(pool) = state.store.pool() {
         let idle = pool.num_idle() as f64;

@@ -122,13 +122,15 @@ pub async fn upgrade(
     let access = access.map(|Extension(access)| (access, state.access_log.clone()));
     // axum stores the returned future inside its own upgrade task, next to its upgrade state;
     // boxing it keeps that task small (see docs/performance.md, memory per connection).
+    let lifecycle = state.lifecycle.clone();
     Ok(ws.on_upgrade(move |socket| {
-        Box::pin(async move {
+        // axum runs the session in its own upgrade task: scope it to the app's recorder.
+        Box::pin(lifecycle.with_metrics(async move {
             let transport = ws::WsTransport::new(socket, &state.settings.ws);
             let session = Session::with_access(state, session_access);
             ws::serve(session, transport, channels, access).await;
             drop((permit, task));
-        })
+        }))
     }))
 }
 

@@ -1,11 +1,13 @@
-//! Prometheus metrics: the process-wide recorder and the list of what relay measures.
+//! Prometheus metrics: each app's recorder and the list of what relay measures.
 //!
-//! Code records through the `metrics` macros wherever something happens; this module installs
-//! the recorder once per process (tests start many apps in one process, so installation is
-//! idempotent) and renders the text format for `GET /metrics` on the admin port.
+//! Code records through the `metrics` macros wherever something happens. Each app builds its own
+//! [`Registry`] and hands its recorder to the lifecycle, which scopes every task of the app to it
+//! (`Lifecycle::with_metrics`); `GET /metrics` on the admin port renders that registry. Apps
+//! sharing a process (the integration tests) therefore never see each other's counts, and tests
+//! assert exact values.
 //!
 //! [`METRICS`] is the one list of every metric relay exports, with its help text and the label
-//! values known before anything happens. [`register_startup`] registers each of those series at
+//! values known before anything happens. [`Registry::new`] registers each of those series at
 //! startup, so `/metrics` shows every gauge and counter from the first scrape, 0 or its real
 //! value: dashboards show 0 instead of "no data", and `rate()`/`increase()` see a counter's
 //! first increment (a series that appears already at 1 has no earlier sample to rise from).
@@ -14,12 +16,12 @@
 //! `tests/api/observability.rs` reads `src/` for metric names, so a metric missing from the list
 //! (or from a fresh `/metrics`) fails the suite.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+use metrics::{Recorder, Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 /// Latency buckets in seconds: fine below 10 ms where relay normally is.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -443,30 +445,64 @@ pub fn find(name: &str) -> Option<&'static Metric> {
     METRICS.iter().find(|m| m.name == name)
 }
 
-/// Install the recorder (first call) and return the handle that renders it.
-pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("relay_publish_batch_messages".into()),
-                        BATCH_BUCKETS,
-                    )
-                });
-            let recorder = match builder {
-                Ok(builder) => builder.build_recorder(),
-                Err(_) => PrometheusBuilder::new().build_recorder(),
-            };
-            let handle = recorder.handle();
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+/// One app's metrics: its own Prometheus recorder and the handle that renders it.
+#[derive(Clone)]
+pub struct Registry {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+}
+
+impl Registry {
+    /// A fresh registry with relay's buckets, every metric of [`METRICS`] described and its
+    /// startup series registered.
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("relay_publish_batch_messages".into()),
+                    BATCH_BUCKETS,
+                )
+            });
+        // The buckets are constants; a rejection would be a bug caught by every test.
+        let recorder = match builder {
+            Ok(builder) => builder.build_recorder(),
+            Err(err) => {
+                tracing::error!(%err, "histogram buckets rejected; using the defaults");
+                PrometheusBuilder::new().build_recorder()
             }
+        };
+        let recorder = Arc::new(recorder);
+        metrics::with_local_recorder(&*recorder, || {
             describe();
-            handle
-        })
-        .clone()
+            register_startup();
+        });
+        let handle = recorder.handle();
+        Self { recorder, handle }
+    }
+
+    /// The recorder, for `Lifecycle::with_recorder`.
+    pub fn recorder(&self) -> Arc<dyn Recorder + Send + Sync> {
+        self.recorder.clone()
+    }
+
+    /// Renders the text format and runs the recorder's upkeep.
+    pub fn handle(&self) -> &PrometheusHandle {
+        &self.handle
+    }
+
+    /// Also make this the process-wide recorder, for a process that runs one app (`relay
+    /// serve`): what is recorded outside the app's tasks (a value dropped by the runtime rather
+    /// than by its task) still lands here. False if a recorder was installed already.
+    pub fn install_global(&self) -> bool {
+        metrics::set_global_recorder(Arc::clone(&self.recorder)).is_ok()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn describe() {
@@ -483,9 +519,8 @@ fn describe() {
     }
 }
 
-/// Register every series [`METRICS`] knows before anything happens, without changing a value
-/// (`increment(0)`: a second app in the same process keeps the first one's counts).
-pub fn register_startup() {
+/// Register every series [`METRICS`] knows before anything happens, with 0.
+fn register_startup() {
     for metric in METRICS {
         let label_sets: Vec<Vec<metrics::Label>> = match metric.startup {
             Plain => vec![Vec::new()],

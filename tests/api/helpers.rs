@@ -119,6 +119,8 @@ pub struct TestApp {
     /// The app's message store (to commit behind relay's back in tests).
     pub store: relay::store::MessageStore,
     pub http: reqwest::Client,
+    /// The app's own metrics (readable after the admin port closed).
+    pub registry: relay::telemetry::metrics::Registry,
     /// `run_until_stopped`, whose result [`TestApp::wait_stopped`] hands back.
     server: Option<tokio::task::JoinHandle<Result<(), StartupError>>>,
 }
@@ -199,6 +201,7 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
     let lifecycle = app.lifecycle();
     let pubsub = app.state().pubsub.clone();
     let store = app.state().store.clone();
+    let registry = app.metrics();
     let server = tokio::spawn(app.run_until_stopped());
     TestApp {
         addr,
@@ -210,6 +213,7 @@ async fn start(settings: Settings, db: Option<TestDatabase>) -> TestApp {
         pubsub,
         store,
         http: http_client(),
+        registry,
         server: Some(server),
     }
 }

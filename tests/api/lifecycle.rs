@@ -175,8 +175,8 @@ async fn a_dead_critical_task_turns_readiness_off_and_stops_the_app_with_an_erro
         err.to_string(),
         "critical task `lifecycle_test_doomed` stopped unexpectedly"
     );
-    // The admin port is closed now; read the process-wide recorder directly.
-    let metrics = Metrics::parse(&relay::telemetry::metrics::install().render());
+    // The admin port is closed now; read the app's registry directly.
+    let metrics = Metrics::parse(&app.registry.handle().render());
     assert_eq!(
         metrics.sum(
             "relay_task_failures_total",

@@ -168,6 +168,31 @@ async fn a_stalled_sink_drops_entries_instead_of_slowing_requests() {
     pool.close().await;
 }
 
+/// Issue 17: each app has its own registry, so apps sharing a process (these tests) never see
+/// each other's counts, including what a WebSocket session (run in axum's upgrade task) and the
+/// startup sequence record.
+#[tokio::test]
+async fn each_app_counts_only_its_own_traffic() {
+    let busy = spawn_app().await;
+    let quiet = spawn_app().await;
+    let mut ws = busy.subscribed_ws(&["own"]).await;
+    for i in 0..4 {
+        busy.publish("own", json!(i)).await;
+        ws.expect_type("message").await;
+    }
+    let busy_m = busy.metrics().await;
+    let quiet_m = quiet.metrics().await;
+    assert_eq!(busy_m.sum("relay_messages_published_total", &[]), 4.0);
+    assert_eq!(busy_m.sum("relay_messages_delivered_total", &[]), 4.0);
+    assert_eq!(busy_m.sum("relay_ws_connections", &[]), 1.0);
+    assert_eq!(quiet_m.sum("relay_messages_published_total", &[]), 0.0);
+    assert_eq!(quiet_m.sum("relay_messages_delivered_total", &[]), 0.0);
+    assert_eq!(quiet_m.sum("relay_ws_connections", &[]), 0.0);
+    // Both registries hold every startup series (the startup sequence ran in its app's scope).
+    assert!(quiet_m.has("relay_publish_queue_full_total"));
+    assert!(busy_m.has("relay_task_failures_total"));
+}
+
 #[tokio::test]
 async fn metrics_are_prometheus_text_and_move_with_traffic() {
     let app = spawn_app().await;
@@ -183,28 +208,32 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
     let after = app.metrics().await;
     let moved =
         |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
-    assert!(
+    // Each app has its own registry, so the counts are exact.
+    assert_eq!(
         moved(
             "relay_http_requests_total",
             &[("route", "/healthz"), ("status", "200")]
-        ) >= 3.0
+        ),
+        3.0
     );
-    assert!(
+    assert_eq!(
         moved(
             "relay_http_requests_total",
             &[
                 ("route", "/api/v1/channels/{channel}/messages"),
                 ("status", "201")
             ]
-        ) >= 5.0
+        ),
+        5.0
     );
-    assert!(moved("relay_messages_published_total", &[]) >= 5.0);
-    assert!(moved("relay_messages_delivered_total", &[]) >= 5.0);
-    assert!(
-        after.sum(
+    assert_eq!(moved("relay_messages_published_total", &[]), 5.0);
+    assert_eq!(moved("relay_messages_delivered_total", &[]), 5.0);
+    assert_eq!(
+        moved(
             "relay_http_request_duration_seconds_count",
             &[("route", "/healthz")]
-        ) >= 3.0
+        ),
+        3.0
     );
     assert!(after.has("relay_ws_connections"));
     assert!(after.has("relay_subscriptions"));

@@ -363,7 +363,7 @@ async fn a_full_commit_queue_refuses_with_503_and_counts_it() {
         .metrics()
         .await
         .sum("relay_publish_queue_full_total", &[]);
-    assert!(after >= before + 2.0, "counted: {before} → {after}");
+    assert_eq!(after, before + 2.0, "counted: {before} → {after}");
     holder.rollback().await.unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.status(), 201);
