@@ -118,8 +118,8 @@ impl Lifecycle {
         }
     }
 
-    /// Run `f` with the app's recorder in scope, for synchronous code outside the app's tasks.
-    pub fn metrics_scope<T>(&self, f: impl FnOnce() -> T) -> T {
+    /// Run `f` with the app's recorder in scope (what `spawn_critical` records in its caller).
+    fn metrics_scope<T>(&self, f: impl FnOnce() -> T) -> T {
         self.inner.recorder.scope(f)
     }
 
