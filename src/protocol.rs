@@ -7,9 +7,10 @@
 
 use std::borrow::Cow;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use tungstenite::Utf8Bytes;
 
 /// Longest channel name accepted.
 pub const MAX_CHANNEL_LEN: usize = 128;
@@ -644,6 +645,9 @@ pub struct ServerFrame {
     pub kind: FrameKind,
     /// The JSON text, exactly as sent on a WebSocket and as SSE `data:`.
     pub text: Utf8Bytes,
+    /// The complete WebSocket frame, header and `text` (the same allocation): encoded once,
+    /// written as is by every connection that sends it.
+    pub wire: Bytes,
     /// The message offset, when there is one (SSE `id:`).
     pub id: Option<i64>,
 }
@@ -723,11 +727,16 @@ struct ExpiringJson {
 }
 
 fn encode(kind: FrameKind, value: &impl Serialize, id: Option<i64>) -> ServerFrame {
+    let mut buf = Vec::with_capacity(128);
+    buf.resize(wire::MAX_HEADER, 0);
     // Serialising these plain structs cannot fail: every field is a string, number or raw JSON.
-    let text = serde_json::to_string(value).unwrap_or_default();
+    let _ = serde_json::to_writer(&mut buf, value);
+    let (wire, at) = wire::text_frame(buf);
+    let text = Utf8Bytes::try_from(wire.slice(at..)).expect("serde_json writes UTF-8");
     ServerFrame {
         kind,
-        text: text.into(),
+        text,
+        wire,
         id,
     }
 }
@@ -805,9 +814,11 @@ impl ServerFrame {
 
     /// `{"type":"pong"}`
     pub fn pong() -> Self {
+        const WIRE: &[u8] = b"\x81\x0f{\"type\":\"pong\"}";
         ServerFrame {
             kind: FrameKind::Pong,
             text: Utf8Bytes::from_static(r#"{"type":"pong"}"#),
+            wire: Bytes::from_static(WIRE),
             id: None,
         }
     }
@@ -920,12 +931,34 @@ impl<'a> Envelope<'a> {
     }
 }
 
+pub mod wire;
+
 #[cfg(test)]
 mod proptests;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame's wire bytes are its text behind the shortest text-frame header.
+    #[test]
+    fn every_frame_is_its_text_behind_a_header() {
+        let data = RawValue::from_string("[1,2,3]".to_owned()).unwrap();
+        let long = "x".repeat(300);
+        let frames = [
+            ServerFrame::pong(),
+            ServerFrame::message("c", &data, Some(7)),
+            ServerFrame::error("invalid_frame", &long),
+            ServerFrame::subscribed("c", 3),
+        ];
+        for frame in frames {
+            let text = frame.text.as_bytes();
+            let header = if text.len() < 126 { 2 } else { 4 };
+            assert_eq!(frame.wire.len(), header + text.len(), "{}", frame.text);
+            assert_eq!(&frame.wire[header..], text);
+            assert_eq!(frame.wire[0], 0x81);
+        }
+    }
 
     #[test]
     fn channel_names() {

@@ -15,7 +15,8 @@
 
 use std::{collections::VecDeque, pin::Pin, sync::Arc, time::Duration};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use tungstenite::Utf8Bytes;
 
 use crate::{
     auth::{Action, Principal},
@@ -28,7 +29,7 @@ use crate::{
     publish::{self, PublishError},
     pubsub::{
         PubSubError, SessionOutbox,
-        outbox::{Drained, Outgoing},
+        outbox::{DirectWrite, Drained, Outgoing},
     },
     rate_limit::ConnectionLimiter,
     state::AppState,
@@ -64,6 +65,8 @@ const LOGGED_CHANNELS: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     Close(u16, &'static str),
+    /// The client sent a close frame (with this code): answer it, and end.
+    ClientClosed(Option<u16>),
     Gone,
 }
 
@@ -73,7 +76,9 @@ pub enum Inbound {
     Text(Utf8Bytes),
     /// A frame the protocol does not accept (a binary frame).
     Unsupported,
-    /// Proof of life without content (pings, pongs, close handshakes).
+    /// A ping: answer with a pong carrying `payload`.
+    Ping(Bytes),
+    /// Proof of life without content (pongs).
     Alive,
     /// The connection ended (or must end with this code).
     End(End),
@@ -89,8 +94,16 @@ pub trait Transport: Send {
     fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
     /// Called every `ws.ping_interval`: ping, and close idle clients.
     fn keepalive(&mut self) -> impl Future<Output = Result<(), End>> + Send;
+    /// Answer a ping the client sent.
+    fn pong(&mut self, _payload: Bytes) -> impl Future<Output = Result<(), End>> + Send {
+        std::future::ready(Ok(()))
+    }
     /// Say goodbye with `code`, best effort and bounded in time.
     fn close(&mut self, code: u16, reason: &'static str) -> impl Future<Output = ()> + Send;
+    /// Answer the client's close frame (echoing its code), best effort and bounded in time.
+    fn close_reply(&mut self, _code: Option<u16>) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// What crossed the connection, for the access log.
@@ -216,6 +229,28 @@ impl Session {
             )),
             Access::AwaitingToken => Err("not authenticated yet".to_owned()),
         }
+    }
+
+    /// Let the delivery core write this connection's frames itself while the session waits
+    /// with nothing to do (WebSocket; see `ws::writer`).
+    pub fn set_direct(&self, writer: Arc<dyn DirectWrite>) {
+        self.outbox.set_direct(writer);
+    }
+
+    /// Take the direct-write lane back (before any write of the session's own, and before
+    /// applying what the outbox holds): what the fan-out delivered moves the streams on.
+    fn reclaim(&mut self) {
+        if let Some(written) = self.outbox.reclaim() {
+            self.subs.absorb(&written.lane);
+            self.traffic.frames_out += written.frames;
+            self.traffic.bytes_out += written.bytes;
+        }
+    }
+
+    /// [`reclaim`](Self::reclaim), then take what the outbox holds.
+    fn drain(&mut self) -> Drained {
+        self.reclaim();
+        self.outbox.drain_into(&mut self.queued)
     }
 
     /// The authenticated subject, if any.
@@ -385,7 +420,7 @@ impl Session {
                     return Ok(());
                 }
                 self.outbox.ready().await;
-                if self.outbox.drain_into(&mut self.queued) == Drained::Overflowed {
+                if self.drain() == Drained::Overflowed {
                     return Err("the stream fell behind before it started".to_owned());
                 }
             }
@@ -432,6 +467,8 @@ impl Session {
     /// subscription.
     pub async fn run(&mut self, transport: &mut impl Transport) -> Report {
         let end = self.event_loop(transport).await;
+        // The session writes from here on.
+        self.reclaim();
         let close_code = match end {
             End::Close(code, reason) => {
                 if closes_for_client_error(code) {
@@ -447,6 +484,10 @@ impl Session {
                 // Boxed: the goodbye's timer is not part of every idle connection's task.
                 Box::pin(transport.close(code, reason)).await;
                 Some(code)
+            }
+            End::ClientClosed(code) => {
+                Box::pin(transport.close_reply(code)).await;
+                None
             }
             End::Gone => None,
         };
@@ -487,6 +528,7 @@ impl Session {
                         Box::pin(tokio::time::sleep(coalesce)).await;
                         self.drain_now();
                     }
+                    self.reclaim();
                     for frame in &self.out {
                         self.traffic.frames_out += 1;
                         self.traffic.bytes_out += frame.text.len() as u64;
@@ -531,6 +573,12 @@ impl Session {
                             return End::Close(close_code::POLICY, "too many invalid frames");
                         }
                     }
+                    Inbound::Ping(payload) => {
+                        self.reclaim();
+                        if let Err(end) = Box::pin(transport.pong(payload)).await {
+                            return end;
+                        }
+                    }
                     Inbound::Alive => {}
                     Inbound::End(end) => return end,
                 },
@@ -540,6 +588,7 @@ impl Session {
                     }
                 }
                 _ = &mut keepalive => {
+                    self.reclaim();
                     if let Err(end) = Box::pin(transport.keepalive()).await {
                         return end;
                     }
@@ -551,7 +600,7 @@ impl Session {
 
     /// Take whatever the outbox holds now, without waiting (after a coalescing pause).
     fn drain_now(&mut self) {
-        if self.outbox.drain_into(&mut self.queued) == Drained::Items {
+        if self.drain() == Drained::Items {
             self.apply_queued();
         }
     }
@@ -577,15 +626,21 @@ impl Session {
             }
             if self.read.is_none() && self.publishes.as_ref().is_none_or(|p| p.is_empty()) {
                 // The common case: nothing to read from history, only the outbox to wait for.
+                // Until something needs the session, the fan-out writes live frames itself
+                // (not while coalescing, which exists to gather frames into one write).
+                if self.state.settings.ws.coalesce_delay.is_zero() {
+                    self.reclaim();
+                    self.outbox.arm(self.subs.lane());
+                }
                 self.outbox.ready().await;
-                if self.outbox.drain_into(&mut self.queued) == Drained::Overflowed {
+                if self.drain() == Drained::Overflowed {
                     return Err(End::Close(close_code::SLOW_CONSUMER, "slow consumer"));
                 }
                 continue;
             }
             tokio::select! {
                 _ = self.outbox.ready() => {
-                    if self.outbox.drain_into(&mut self.queued) == Drained::Overflowed {
+                    if self.drain() == Drained::Overflowed {
                         return Err(End::Close(close_code::SLOW_CONSUMER, "slow consumer"));
                     }
                 }

@@ -89,6 +89,23 @@ impl ChannelStream {
         Confirmed::Fresh
     }
 
+    /// The highest offset delivered, while live: the next one may bypass [`Self::on_message`]
+    /// (a direct write, see [`super::subscriptions::Lane`]).
+    pub fn live_last(&self) -> Option<i64> {
+        match self.state {
+            State::Live { last } => Some(last),
+            _ => None,
+        }
+    }
+
+    /// Offsets up to `last` were delivered in order without passing through
+    /// [`Self::on_message`].
+    pub fn delivered_up_to(&mut self, last: i64) {
+        if let State::Live { last: delivered } = &mut self.state {
+            *delivered = (*delivered).max(last);
+        }
+    }
+
     /// A live message with offset `id`; what must be sent now is appended to `out`.
     pub fn on_message(&mut self, id: i64, frame: ServerFrame, out: &mut Frames) {
         match &mut self.state {

@@ -27,6 +27,39 @@ struct Entry {
     repeats: u32,
 }
 
+/// Where each live channel of a connection stands, for deliveries that bypass the session: the
+/// fan-out may write a message itself when it is the next offset of a live channel, exactly
+/// what [`Subscriptions::apply`] would have sent. Anything else goes through the session.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Lane {
+    live: smallvec::SmallVec<[(ChannelId, i64); 2]>,
+}
+
+/// What the lane says of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The next offset of a live channel: write it, then [`Lane::commit`] this slot.
+    Next(usize),
+    /// Delivered already; the connection drops it.
+    Duplicate,
+    /// Not the lane's to decide (a hole, or a channel not live): the session applies it.
+    Other,
+}
+
+impl Lane {
+    pub fn check(&self, channel: ChannelId, id: i64) -> Check {
+        match self.live.iter().position(|(c, _)| *c == channel) {
+            Some(slot) if id == self.live[slot].1 + 1 => Check::Next(slot),
+            Some(slot) if id <= self.live[slot].1 => Check::Duplicate,
+            _ => Check::Other,
+        }
+    }
+
+    pub fn commit(&mut self, slot: usize, id: i64) {
+        self.live[slot].1 = id;
+    }
+}
+
 /// A `since` subscription to announce: read the channel's oldest retained offset, then call
 /// [`Subscriptions::announce`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +245,25 @@ impl Subscriptions {
         }
         for _ in 0..std::mem::take(&mut entry.repeats) {
             out.push(ServerFrame::subscribed(channel, *last));
+        }
+    }
+
+    /// The lane for direct writes: every live channel and its last offset delivered.
+    pub fn lane(&self) -> Lane {
+        let live = self
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.id?, e.stream.live_last()?)))
+            .collect();
+        Lane { live }
+    }
+
+    /// Take back what the lane delivered while it was armed.
+    pub fn absorb(&mut self, lane: &Lane) {
+        for (id, last) in &lane.live {
+            if let Some(entry) = self.entries.iter_mut().find(|e| e.id == Some(*id)) {
+                entry.stream.delivered_up_to(*last);
+            }
         }
     }
 

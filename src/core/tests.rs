@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Action, Core, CoreSettings, Frames, Outgoing, Push, Subscriber,
-    subscriptions::{Announce, Subscriptions},
+    subscriptions::{Announce, Check, Lane, Subscriptions},
 };
 use crate::protocol::{FrameKind, ServerFrame};
 
@@ -31,12 +31,51 @@ const GAP_WAIT: Duration = Duration::from_millis(200);
 const HEAD_CHECK: Duration = Duration::from_millis(1000);
 
 /// A session's outbox: unbounded here (slow consumers are the outbox's own tested concern).
+/// With an armed lane it "writes" frames directly, like a WebSocket outbox (`pubsub::outbox`):
+/// the model then checks that what bypassed the session is exactly what it would have sent.
 #[derive(Default)]
-struct Outbox(RefCell<VecDeque<Outgoing>>);
+struct Outbox {
+    queue: RefCell<VecDeque<Outgoing>>,
+    armed: std::cell::Cell<bool>,
+    /// The lane given when armed, and the frames written through it since.
+    lane: RefCell<Option<(Lane, Frames)>>,
+}
+
+impl Outbox {
+    fn arm(&self, lane: Lane) {
+        assert!(
+            self.queue.borrow().is_empty(),
+            "armed only with nothing queued"
+        );
+        self.armed.set(true);
+        *self.lane.borrow_mut() = Some((lane, Frames::new()));
+    }
+
+    fn reclaim(&self) -> Option<(Lane, Frames)> {
+        self.armed.set(false);
+        self.lane.borrow_mut().take()
+    }
+}
 
 impl Subscriber for Outbox {
     fn push(&self, item: Outgoing) -> Push {
-        self.0.borrow_mut().push_back(item);
+        if let (true, Some((lane, written)), Outgoing::Message { channel_id, frame }) =
+            (self.armed.get(), self.lane.borrow_mut().as_mut(), &item)
+        {
+            let id = frame.id.expect("messages have offsets");
+            match lane.check(*channel_id, id) {
+                Check::Next(slot) => {
+                    lane.commit(slot, id);
+                    written.push(frame.clone());
+                    return Push::Queued;
+                }
+                Check::Duplicate => return Push::Queued,
+                Check::Other => {}
+            }
+        }
+        // Disarmed: the session applies everything from here on.
+        self.armed.set(false);
+        self.queue.borrow_mut().push_back(item);
         Push::Queued
     }
     fn is_closed(&self) -> bool {
@@ -244,10 +283,17 @@ impl World {
     /// Every session applies its outbox, announces and reads as far as it can.
     fn run_sessions(&mut self, failing: bool) {
         for s in 0..SESSIONS {
+            // What the fan-out wrote directly came before anything queued.
+            if let Some((lane, written)) = self.sessions[s].outbox.reclaim() {
+                self.sessions[s].subs.absorb(&lane);
+                if let Err(err) = record(&mut self.sessions[s].log, &written, None) {
+                    self.errors.push(err);
+                }
+            }
             loop {
                 let mut out = Frames::new();
                 let session = &mut self.sessions[s];
-                let item = session.outbox.0.borrow_mut().pop_front();
+                let item = session.outbox.queue.borrow_mut().pop_front();
                 if let Some(item) = item {
                     if let Some(announce) = session.subs.apply(item, &mut out) {
                         session.announces.push(announce);
@@ -284,6 +330,11 @@ impl World {
                         session.subs.on_page(&channel, window, &rows, &mut out);
                     }
                 } else {
+                    // Idle: the first sessions let the fan-out write for them (WebSocket), the
+                    // last never does (SSE).
+                    if s + 1 < SESSIONS {
+                        session.outbox.arm(session.subs.lane());
+                    }
                     break;
                 }
                 if let Err(err) = record(&mut self.sessions[s].log, &out, None) {

@@ -16,7 +16,6 @@ use axum::{
     extract::{
         Request,
         rejection::{JsonRejection, QueryRejection},
-        ws::rejection::WebSocketUpgradeRejection,
     },
     http::{HeaderValue, StatusCode, header},
     middleware::Next,
@@ -24,7 +23,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::http::middleware::current_request_id;
+use crate::{http::middleware::current_request_id, ws::handshake::HandshakeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -229,23 +228,22 @@ pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response<
     )
 }
 
-impl From<WebSocketUpgradeRejection> for ApiError {
-    fn from(rejection: WebSocketUpgradeRejection) -> Self {
-        match rejection {
-            // Not an upgrade at all (axum says 400): the request is fine, the protocol is not.
-            WebSocketUpgradeRejection::InvalidConnectionHeader(_)
-            | WebSocketUpgradeRejection::InvalidUpgradeHeader(_) => Self::UpgradeRequired(
+impl From<HandshakeError> for ApiError {
+    fn from(err: HandshakeError) -> Self {
+        match err {
+            // Not an upgrade at all: the request is fine, the protocol is not.
+            HandshakeError::NotAnUpgrade => Self::UpgradeRequired(
                 "this endpoint speaks WebSocket only: send an upgrade request (`Connection: \
                  Upgrade`, `Upgrade: websocket`, `Sec-WebSocket-Version: 13`, `Sec-WebSocket-Key`)"
                     .to_owned(),
             ),
-            WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_) => Self::UpgradeRequired(
+            HandshakeError::Version => Self::UpgradeRequired(
                 "unsupported WebSocket version: send `Sec-WebSocket-Version: 13`".to_owned(),
             ),
-            other => Self::Rejected {
-                status: other.status(),
-                message: other.body_text(),
-            },
+            HandshakeError::KeyMissing => Self::BadRequest(err.to_string()),
+            HandshakeError::NotUpgradable => Self::UpgradeRequired(
+                "this connection cannot be upgraded to a WebSocket (use HTTP/1.1)".to_owned(),
+            ),
         }
     }
 }

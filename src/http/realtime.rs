@@ -12,9 +12,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Extension,
-    extract::{
-        ConnectInfo, RawQuery, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection,
-    },
+    extract::{ConnectInfo, RawQuery, Request, State},
     http::HeaderMap,
     response::Response,
 };
@@ -37,7 +35,7 @@ use crate::{
     protocol::{QuerySubscription, parse_subscription_query},
     session::{Access, Session},
     state::AppState,
-    ws,
+    ws::{self, handshake::Upgrade},
 };
 
 /// A connection slot for this request's client (after the cheap checks, before any work).
@@ -95,13 +93,14 @@ pub async fn upgrade(
     Extension(limits): Extension<Arc<ConnectionLimits>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     access: Option<Extension<AccessContext>>,
-    headers: HeaderMap,
     RawQuery(query): RawQuery,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    auth::check_origin(&headers, &state.settings.ws.allowed_origins)?;
+    let (mut parts, _) = request.into_parts();
+    let headers = &parts.headers;
+    auth::check_origin(headers, &state.settings.ws.allowed_origins)?;
     let query_token = auth::query_token(query.as_deref());
-    let token = auth::bearer(&headers).or(query_token.as_deref());
+    let token = auth::bearer(headers).or(query_token.as_deref());
     let session_access = match (state.auth.is_required(), token) {
         (false, _) => Access::Open,
         // Browsers cannot set headers on a WebSocket: they authenticate with the first frame.
@@ -109,29 +108,24 @@ pub async fn upgrade(
         (true, Some(token)) => Access::Granted(state.auth.verify(token)?),
     };
     let channels = subscriptions(&state, query.as_deref())?;
-    let ws = ws?;
-    let permit = permit(&state, &limits, peer, &headers)?;
-    // Count the session from now, so a shutdown starting before the upgrade completes waits.
-    let task = state.lifecycle.task_guard("ws_session");
-    let cfg = &state.settings.ws;
-    let ws = ws
-        .read_buffer_size(cfg.read_buffer_bytes)
-        .write_buffer_size(cfg.read_buffer_bytes)
-        .max_message_size(cfg.max_message_bytes)
-        .max_frame_size(cfg.max_message_bytes);
+    let ws = Upgrade::from_request(headers, &mut parts.extensions)?;
+    let permit = permit(&state, &limits, peer, headers)?;
     let access = access.map(|Extension(access)| (access, state.access_log.clone()));
-    // axum stores the returned future inside its own upgrade task, next to its upgrade state;
-    // boxing it keeps that task small (see docs/performance.md, memory per connection).
+    let (response, upgraded) = ws.accept();
+    // The session is a task of the lifecycle from now, so a shutdown starting before the
+    // upgrade completes waits for it; once upgraded it is the connection's only task.
     let lifecycle = state.lifecycle.clone();
-    Ok(ws.on_upgrade(move |socket| {
-        // axum runs the session in its own upgrade task: scope it to the app's recorder.
-        Box::pin(lifecycle.with_metrics(async move {
-            let transport = ws::WsTransport::new(socket, &state.settings.ws);
-            let session = Session::with_access(state, session_access);
-            ws::serve(session, transport, channels, access).await;
-            drop((permit, task));
-        }))
-    }))
+    lifecycle.spawn("ws_session", async move {
+        let Some(upgraded) = upgraded.await else {
+            return;
+        };
+        let (transport, writer) = ws::WsTransport::new(upgraded, &state.settings.ws);
+        let session = Session::with_access(state, session_access);
+        session.set_direct(writer);
+        ws::serve(session, transport, channels, access).await;
+        drop(permit);
+    });
+    Ok(response)
 }
 
 /// Server-Sent Events stream of the listed channels.

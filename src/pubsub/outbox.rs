@@ -9,12 +9,51 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use tokio::sync::Notify;
 
 pub use crate::core::{Outgoing, Push};
+use crate::{
+    core::subscriptions::{Check, Lane},
+    protocol::ServerFrame,
+};
+
+/// A connection the fan-out may write to itself (`ws::writer`): one non-blocking attempt.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    fn try_send(&self, frame: &ServerFrame) -> Sent;
+}
+
+/// What a direct write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The socket took the whole frame.
+    All,
+    /// The socket took part of it; the writer keeps the rest for the session to write first.
+    Partly,
+    /// Nothing was written (the socket is full or broken): queue the frame.
+    Nothing,
+}
+
+/// What the fan-out wrote directly since the lane was armed, handed back by
+/// [`SessionOutbox::reclaim`].
+#[derive(Debug, Default)]
+pub struct Reclaimed {
+    pub lane: Lane,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+/// The direct-write lane of a WebSocket outbox.
+#[derive(Debug)]
+struct Direct {
+    writer: Arc<dyn DirectWrite>,
+    /// The fan-out may write (the session waits for its outbox, with nothing queued).
+    armed: bool,
+    /// Given by the session when it armed, advanced by every direct write.
+    written: Option<Reclaimed>,
+}
 
 /// What [`SessionOutbox::drain_into`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +84,7 @@ struct State {
     bytes: usize,
     overflowed: bool,
     closed: bool,
+    direct: Option<Direct>,
 }
 
 impl SessionOutbox {
@@ -72,11 +112,65 @@ impl SessionOutbox {
         self.push(Outgoing::Frame(frame))
     }
 
-    /// Queue an item without waiting. Never blocks the caller beyond a short mutex hold.
+    /// Let the fan-out write frames to this connection itself while the lane is armed.
+    pub fn set_direct(&self, writer: Arc<dyn DirectWrite>) {
+        self.lock().direct = Some(Direct {
+            writer,
+            armed: false,
+            written: None,
+        });
+    }
+
+    /// Let the fan-out write directly until the next item it cannot write: `lane` says where
+    /// each live channel stands. Only with nothing queued (else false, and nothing changes);
+    /// the session must not write until it [`reclaim`](Self::reclaim)s the lane.
+    pub fn arm(&self, lane: Lane) -> bool {
+        let mut state = self.lock();
+        if !state.queue.is_empty() || state.overflowed || state.closed {
+            return false;
+        }
+        match &mut state.direct {
+            Some(direct) => {
+                direct.armed = true;
+                direct.written = Some(Reclaimed {
+                    lane,
+                    ..Reclaimed::default()
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Take the lane back: no direct write happens after this returns, and what was written
+    /// since [`arm`](Self::arm) is returned (None if the lane was not armed).
+    pub fn reclaim(&self) -> Option<Reclaimed> {
+        let mut state = self.lock();
+        let direct = state.direct.as_mut()?;
+        direct.armed = false;
+        direct.written.take()
+    }
+
+    /// Queue an item without waiting. Never blocks the caller beyond a short mutex hold, and
+    /// a non-blocking write when the lane is armed.
     pub fn push(&self, item: Outgoing) -> Push {
         let mut state = self.lock();
         if state.overflowed || state.closed {
             return Push::Rejected;
+        }
+        if let Some(direct) = state.direct.as_mut().filter(|d| d.armed) {
+            match try_direct(direct, &item) {
+                Some(Sent::All) => return Push::Queued,
+                Some(Sent::Partly) => {
+                    // The session must write the rest before anything else.
+                    direct.armed = false;
+                    drop(state);
+                    self.notify.notify_one();
+                    return Push::Queued;
+                }
+                // Anything the lane cannot take goes to the session, in order, from now on.
+                Some(Sent::Nothing) | None => direct.armed = false,
+            }
         }
         let frame = item.is_frame();
         let bytes = item.frame_bytes();
@@ -124,15 +218,40 @@ impl SessionOutbox {
     }
 
     /// Refuse further pushes; the fan-out skips closed outboxes and the listener forgets them.
+    /// Releases the direct writer, so the socket closes with the session.
     pub fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
         state.queue = VecDeque::new();
+        state.direct = None;
     }
 
     pub fn is_closed(&self) -> bool {
         let state = self.lock();
         state.closed || state.overflowed
+    }
+}
+
+/// Write `item` directly if the lane allows it: `Some(All)` when it is delivered (or is a
+/// duplicate the connection would drop anyway), `None` when it must be queued.
+fn try_direct(direct: &mut Direct, item: &Outgoing) -> Option<Sent> {
+    let Outgoing::Message { channel_id, frame } = item else {
+        return None;
+    };
+    let written = direct.written.as_mut()?;
+    let id = frame.id?;
+    match written.lane.check(*channel_id, id) {
+        Check::Duplicate => Some(Sent::All),
+        Check::Other => None,
+        Check::Next(slot) => {
+            let sent = direct.writer.try_send(frame);
+            if sent != Sent::Nothing {
+                written.lane.commit(slot, id);
+                written.frames += 1;
+                written.bytes += frame.text.len() as u64;
+            }
+            Some(sent)
+        }
     }
 }
 

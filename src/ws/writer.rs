@@ -1,0 +1,110 @@
+//! The write half of a WebSocket connection, shared by its session and the fan-out.
+//!
+//! A delivery normally costs a queue push, a wake-up of the session task, a poll and a write.
+//! When the connection has nothing queued and its socket has room, the fan-out writes the
+//! shared frame itself instead, with one non-blocking `write` ([`DirectWrite`]), and the session
+//! task does not run at all. Who may write is decided under the outbox's lock: the fan-out only
+//! while the session has *armed* the outbox's lane, the session only after taking it back
+//! (`SessionOutbox::reclaim`), so their bytes never interleave.
+//!
+//! A direct write the socket takes only in part leaves the rest here; the session writes it
+//! before anything else, bounded by `ws.write_timeout` like all its writes.
+
+use std::{
+    io,
+    sync::{Mutex, PoisonError},
+};
+
+use bytes::{Buf, Bytes};
+use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::{
+    protocol::ServerFrame,
+    pubsub::outbox::{DirectWrite, Sent},
+};
+
+#[derive(Debug)]
+pub struct WsWriter {
+    half: OwnedWriteHalf,
+    /// What a direct write could not finish.
+    rest: Mutex<Option<Bytes>>,
+}
+
+impl WsWriter {
+    pub fn new(half: OwnedWriteHalf) -> Self {
+        Self {
+            half,
+            rest: Mutex::new(None),
+        }
+    }
+
+    /// Write `rest` and then each buffer of `bufs` completely, waiting for the socket.
+    pub async fn write_all(&self, bufs: &mut [Bytes]) -> io::Result<()> {
+        let rest = self
+            .rest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut rest) = rest {
+            self.write_one(&mut rest).await?;
+        }
+        if let [one] = bufs {
+            return self.write_one(one).await;
+        }
+        // Several frames: one syscall for all of them while the socket takes them.
+        let mut at = 0;
+        while at < bufs.len() {
+            self.half.writable().await?;
+            let slices: Vec<io::IoSlice<'_>> =
+                bufs[at..].iter().map(|b| io::IoSlice::new(b)).collect();
+            match self.half.try_write_vectored(&slices) {
+                Ok(mut n) => {
+                    while n > 0 && at < bufs.len() {
+                        let len = bufs[at].len();
+                        if n >= len {
+                            n -= len;
+                            at += 1;
+                        } else {
+                            bufs[at].advance(n);
+                            n = 0;
+                        }
+                    }
+                    while at < bufs.len() && bufs[at].is_empty() {
+                        at += 1;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_one(&self, buf: &mut Bytes) -> io::Result<()> {
+        while !buf.is_empty() {
+            self.half.writable().await?;
+            match self.half.try_write(buf) {
+                Ok(n) => buf.advance(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DirectWrite for WsWriter {
+    fn try_send(&self, frame: &ServerFrame) -> Sent {
+        let wire = &frame.wire;
+        match self.half.try_write(wire) {
+            Ok(n) if n == wire.len() => Sent::All,
+            Ok(n) => {
+                *self.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(wire.slice(n..));
+                Sent::Partly
+            }
+            // Full, or broken: the frame is queued, and the session's own write waits for
+            // room or meets the error.
+            Err(_) => Sent::Nothing,
+        }
+    }
+}
