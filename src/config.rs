@@ -401,7 +401,8 @@ pub struct WsSettings {
     /// Origins (besides the request's own host) allowed to open a WebSocket or SSE stream;
     /// `["*"]` allows any. Requests without an `Origin` header (non-browsers) are not refused.
     pub allowed_origins: Vec<String>,
-    /// Socket read chunk size; small keeps idle connections cheap.
+    /// Bytes reserved for each socket read (a larger client message is read in one go once its
+    /// header is known). Held only while a read is decoded: idle connections keep no buffer.
     pub read_buffer_bytes: usize,
     /// Write coalescing: after the first frame arrives, wait this long for more before writing,
     /// so several frames share one syscall. Zero (the default) writes at once.

@@ -92,6 +92,29 @@ pin_project_lite::pin_project! {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A task the lifecycle waits for ([`Lifecycle::track`]): a poll adapter rather than an
+    /// `async` block, which would hold the task's future twice (once as the captured value,
+    /// once as the awaited one) and double every connection's task.
+    pub struct Tracked<F> {
+        #[pin]
+        inner: WithMetrics<F>,
+        guard: Option<TaskGuard>,
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        // Done: stop counting before the output is handed on.
+        this.guard.take();
+        Poll::Ready(out)
+    }
+}
+
 impl<F: Future> Future for WithMetrics<F> {
     type Output = F::Output;
 
@@ -231,17 +254,11 @@ impl Lifecycle {
 
     /// Wrap a future so the tracker waits for it (and it records to the app's metrics), for
     /// tasks that something else spawns.
-    pub fn track<F: Future>(
-        &self,
-        name: &'static str,
-        task: F,
-    ) -> impl Future<Output = F::Output> + use<F> {
-        let guard = self.task_guard(name);
-        self.with_metrics(async move {
-            let out = task.await;
-            drop(guard);
-            out
-        })
+    pub fn track<F: Future>(&self, name: &'static str, task: F) -> Tracked<F> {
+        Tracked {
+            inner: self.with_metrics(task),
+            guard: Some(self.task_guard(name)),
+        }
     }
 
     /// A guard that counts as a running task until dropped. For work that starts before its

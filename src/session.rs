@@ -231,6 +231,10 @@ impl Session {
         }
     }
 
+    pub fn ws_settings(&self) -> &crate::config::WsSettings {
+        &self.state.settings.ws
+    }
+
     /// Let the delivery core write this connection's frames itself while the session waits
     /// with nothing to do (WebSocket; see `ws::writer`).
     pub fn set_direct(&self, writer: Arc<dyn DirectWrite>) {

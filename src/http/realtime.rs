@@ -114,17 +114,9 @@ pub async fn upgrade(
     let (response, upgraded) = ws.accept();
     // The session is a task of the lifecycle from now, so a shutdown starting before the
     // upgrade completes waits for it; once upgraded it is the connection's only task.
-    let lifecycle = state.lifecycle.clone();
-    lifecycle.spawn("ws_session", async move {
-        let Some(upgraded) = upgraded.await else {
-            return;
-        };
-        let (transport, writer) = ws::WsTransport::new(upgraded, &state.settings.ws);
-        let session = Session::with_access(state, session_access);
-        session.set_direct(writer);
-        ws::serve(session, transport, channels, access).await;
-        drop(permit);
-    });
+    let session = Session::with_access(state.clone(), session_access);
+    let task = ws::serve(upgraded, session, channels, access, permit);
+    state.lifecycle.spawn("ws_session", task);
     Ok(response)
 }
 

@@ -142,19 +142,31 @@ impl Transport for WsTransport {
     }
 }
 
-/// Run one WebSocket session to its end: subscribe the channels of the query, serve, and
-/// write the session's access-log entry.
+/// One WebSocket connection from its `101` to its end, as a single task: wait for the socket,
+/// subscribe the channels of the query, serve, and write the session's access-log entry.
+/// `held` (the connection's slot) is released when it ends.
+///
+/// Everything the task keeps is a parameter here, stored once in the task; inner futures borrow
+/// it. Moving a value into a nested future instead would give it a second slot in the task
+/// (generator layout), and this task is most of an idle connection's memory.
 pub async fn serve(
+    upgraded: impl Future<Output = Option<Upgraded>>,
     mut session: Session,
-    mut transport: WsTransport,
     initial: Vec<QuerySubscription>,
     access: Option<(AccessContext, AccessLog)>,
+    held: impl Send,
 ) {
+    let Some(upgraded) = upgraded.await else {
+        return;
+    };
+    let (mut transport, writer) = WsTransport::new(upgraded, session.ws_settings());
+    session.set_direct(writer);
     let started = Instant::now();
     metrics::gauge!("relay_ws_connections").increment(1.0);
     for sub in &initial {
         Box::pin(session.subscribe(&sub.channel, sub.since)).await;
     }
+    drop(initial);
     let report = session.run(&mut transport).await;
     drop(session);
     if report.close_code == Some(close_code::SLOW_CONSUMER) {
@@ -183,4 +195,6 @@ pub async fn serve(
         duration_ms = started.elapsed().as_millis() as u64,
         "WebSocket session ended"
     );
+    drop(held);
 }
+
