@@ -59,18 +59,26 @@ impl Outbox {
 
 impl Subscriber for Outbox {
     fn push(&self, item: Outgoing) -> Push {
-        if let (true, Some((lane, written)), Outgoing::Message { channel_id, frame }) =
-            (self.armed.get(), self.lane.borrow_mut().as_mut(), &item)
+        if let (true, Some((lane, written))) = (self.armed.get(), self.lane.borrow_mut().as_mut())
         {
-            let id = frame.id.expect("messages have offsets");
-            match lane.check(*channel_id, id) {
-                Check::Next(slot) => {
-                    lane.commit(slot, id);
+            match &item {
+                Outgoing::Frame(frame) => {
                     written.push(frame.clone());
                     return Push::Queued;
                 }
-                Check::Duplicate => return Push::Queued,
-                Check::Other => {}
+                Outgoing::Message { channel_id, frame } => {
+                    let id = frame.id.expect("messages have offsets");
+                    match lane.check(*channel_id, id) {
+                        Check::Next(slot) => {
+                            lane.commit(slot, id);
+                            written.push(frame.clone());
+                            return Push::Queued;
+                        }
+                        Check::Duplicate => return Push::Queued,
+                        Check::Other => {}
+                    }
+                }
+                _ => {}
             }
         }
         // Disarmed: the session applies everything from here on.

@@ -233,26 +233,32 @@ impl SessionOutbox {
 }
 
 /// Write `item` directly if the lane allows it: `Some(All)` when it is delivered (or is a
-/// duplicate the connection would drop anyway), `None` when it must be queued.
+/// duplicate the connection would drop anyway), `None` when it must be queued. Frames without
+/// an offset (replies, messages published without one) are sent as they are, as
+/// `Subscriptions::apply` would; offset messages only when they are a live channel's next.
 fn try_direct(direct: &mut Direct, item: &Outgoing) -> Option<Sent> {
-    let Outgoing::Message { channel_id, frame } = item else {
-        return None;
-    };
     let written = direct.written.as_mut()?;
-    let id = frame.id?;
-    match written.lane.check(*channel_id, id) {
-        Check::Duplicate => Some(Sent::All),
-        Check::Other => None,
-        Check::Next(slot) => {
-            let sent = direct.writer.try_send(frame);
-            if sent != Sent::Nothing {
-                written.lane.commit(slot, id);
-                written.frames += 1;
-                written.bytes += frame.text.len() as u64;
+    let (frame, next) = match item {
+        Outgoing::Frame(frame) => (frame, None),
+        Outgoing::Message { channel_id, frame } => {
+            let id = frame.id?;
+            match written.lane.check(*channel_id, id) {
+                Check::Duplicate => return Some(Sent::All),
+                Check::Other => return None,
+                Check::Next(slot) => (frame, Some((slot, id))),
             }
-            Some(sent)
         }
+        _ => return None,
+    };
+    let sent = direct.writer.try_send(frame);
+    if sent != Sent::Nothing {
+        if let Some((slot, id)) = next {
+            written.lane.commit(slot, id);
+        }
+        written.frames += 1;
+        written.bytes += frame.text.len() as u64;
     }
+    Some(sent)
 }
 
 impl crate::core::Subscriber for SessionOutbox {
