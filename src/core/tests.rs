@@ -59,8 +59,7 @@ impl Outbox {
 
 impl Subscriber for Outbox {
     fn push(&self, item: Outgoing) -> Push {
-        if let (true, Some((lane, written))) = (self.armed.get(), self.lane.borrow_mut().as_mut())
-        {
+        if let (true, Some((lane, written))) = (self.armed.get(), self.lane.borrow_mut().as_mut()) {
             match &item {
                 Outgoing::Frame(frame) => {
                     written.push(frame.clone());

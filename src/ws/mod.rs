@@ -197,4 +197,3 @@ pub async fn serve(
     );
     drop(held);
 }
-
