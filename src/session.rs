@@ -172,6 +172,8 @@ pub struct Session {
     warned: bool,
     /// `limits.publish_per_connection` (`None`: off).
     publish_limit: Option<ConnectionLimiter>,
+    /// A direct write left the rest of a frame with the transport: write before waiting.
+    unfinished: bool,
     /// Publishes waiting for their commit, answered in the order they were sent; boxed and
     /// created on the first publish, so subscribe-only connections do not carry it.
     publishes: Option<Box<Publishes>>,
@@ -211,6 +213,7 @@ impl Session {
             deadline_changed: false,
             warned: false,
             publishes: None,
+            unfinished: false,
         };
         session.arm_auth_timer();
         session
@@ -245,6 +248,8 @@ impl Session {
     /// applying what the outbox holds): what the fan-out delivered moves the streams on.
     fn reclaim(&mut self) {
         if let Some(written) = self.outbox.reclaim() {
+            // The rest of a frame the socket took only in part goes out with the next write.
+            self.unfinished |= written.unfinished;
             self.subs.absorb(&written.lane);
             self.traffic.frames_out += written.frames;
             self.traffic.bytes_out += written.bytes;
@@ -523,9 +528,10 @@ impl Session {
                     if let Err(end) = ready {
                         return end;
                     }
-                    if self.out.is_empty() {
+                    if self.out.is_empty() && !self.unfinished {
                         continue; // Only room to read again.
                     }
+                    self.unfinished = false;
                     let coalesce = self.state.settings.ws.coalesce_delay;
                     if !coalesce.is_zero() {
                         // Boxed so connections without coalescing do not carry the timer.
@@ -622,7 +628,7 @@ impl Session {
     async fn next_output(&mut self) -> Result<(), End> {
         loop {
             self.apply_queued();
-            if !self.out.is_empty() {
+            if !self.out.is_empty() || self.unfinished {
                 return Ok(());
             }
             if self.read.is_none() {

@@ -43,6 +43,8 @@ pub struct Reclaimed {
     pub lane: Lane,
     pub frames: u64,
     pub bytes: u64,
+    /// A frame was taken only in part: its rest waits in the writer for the session.
+    pub unfinished: bool,
 }
 
 /// The direct-write lane of a WebSocket outbox.
@@ -107,9 +109,10 @@ impl SessionOutbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queue a reply frame (pong, errors) behind everything queued before.
+    /// Queue a reply frame (pong, errors) behind everything queued before. Replies never take
+    /// the lane: the session writes them itself, in the order of its own answers.
     pub fn reply(&self, frame: crate::protocol::ServerFrame) -> Push {
-        self.push(Outgoing::Frame(frame))
+        self.enqueue(Outgoing::Frame(frame), false)
     }
 
     /// Let the fan-out write frames to this connection itself while the lane is armed.
@@ -154,9 +157,16 @@ impl SessionOutbox {
     /// Queue an item without waiting. Never blocks the caller beyond a short mutex hold, and
     /// a non-blocking write when the lane is armed.
     pub fn push(&self, item: Outgoing) -> Push {
+        self.enqueue(item, true)
+    }
+
+    fn enqueue(&self, item: Outgoing, may_write: bool) -> Push {
         let mut state = self.lock();
         if state.overflowed || state.closed {
             return Push::Rejected;
+        }
+        if let Some(direct) = state.direct.as_mut().filter(|_| !may_write) {
+            direct.armed = false;
         }
         if let Some(direct) = state.direct.as_mut().filter(|d| d.armed) {
             match try_direct(direct, &item) {
@@ -257,6 +267,7 @@ fn try_direct(direct: &mut Direct, item: &Outgoing) -> Option<Sent> {
         }
         written.frames += 1;
         written.bytes += frame.text.len() as u64;
+        written.unfinished |= sent == Sent::Partly;
     }
     Some(sent)
 }
