@@ -261,10 +261,8 @@ impl Lifecycle {
         }
     }
 
-    /// A guard that counts as a running task until dropped. For work that starts before its
-    /// future exists: a WebSocket handler takes one *before* axum spawns the upgraded session,
-    /// so a shutdown that begins in between still waits for the session.
-    pub fn task_guard(&self, name: &'static str) -> TaskGuard {
+    /// A guard that counts as a running task until dropped (held by [`Tracked`]).
+    fn task_guard(&self, name: &'static str) -> TaskGuard {
         TaskGuard {
             _token: self.inner.tracker.token(),
             _running: RunningGuard::new(self.clone(), name),

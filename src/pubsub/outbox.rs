@@ -110,7 +110,9 @@ impl SessionOutbox {
     }
 
     /// Queue a reply frame (pong, errors) behind everything queued before. Replies never take
-    /// the lane: the session writes them itself, in the order of its own answers.
+    /// the lane: the session's event loop goes back to reading the client when a queued answer
+    /// wakes it, so a pipelining publisher whose answers were written behind its back would
+    /// wait for room it already has.
     pub fn reply(&self, frame: crate::protocol::ServerFrame) -> Push {
         self.enqueue(Outgoing::Frame(frame), false)
     }
@@ -165,21 +167,22 @@ impl SessionOutbox {
         if state.overflowed || state.closed {
             return Push::Rejected;
         }
-        if let Some(direct) = state.direct.as_mut().filter(|_| !may_write) {
-            direct.armed = false;
-        }
         if let Some(direct) = state.direct.as_mut().filter(|d| d.armed) {
-            match try_direct(direct, &item) {
-                Some(Sent::All) => return Push::Queued,
-                Some(Sent::Partly) => {
-                    // The session must write the rest before anything else.
-                    direct.armed = false;
-                    drop(state);
-                    self.notify.notify_one();
-                    return Push::Queued;
+            if !may_write {
+                direct.armed = false;
+            } else {
+                match try_direct(direct, &item) {
+                    Some(Sent::All) => return Push::Queued,
+                    Some(Sent::Partly) => {
+                        // The session must write the rest before anything else.
+                        direct.armed = false;
+                        drop(state);
+                        self.notify.notify_one();
+                        return Push::Queued;
+                    }
+                    // Anything the lane cannot take goes to the session, in order, from now on.
+                    Some(Sent::Nothing) | None => direct.armed = false,
                 }
-                // Anything the lane cannot take goes to the session, in order, from now on.
-                Some(Sent::Nothing) | None => direct.armed = false,
             }
         }
         let frame = item.is_frame();
@@ -287,7 +290,125 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::protocol::ServerFrame;
+    use crate::{
+        core::{Frames, subscriptions::Subscriptions},
+        protocol::ServerFrame,
+    };
+
+    /// A socket that takes what `answers` says, in turn, and remembers what it took.
+    #[derive(Debug, Default)]
+    struct Socket {
+        answers: Mutex<VecDeque<Sent>>,
+        took: Mutex<Vec<Option<i64>>>,
+    }
+
+    impl DirectWrite for Socket {
+        fn try_send(&self, frame: &ServerFrame) -> Sent {
+            let sent = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Sent::All);
+            if sent != Sent::Nothing {
+                self.took.lock().unwrap().push(frame.id);
+            }
+            sent
+        }
+    }
+
+    fn message(id: i64) -> Outgoing {
+        let data = serde_json::value::RawValue::from_string("1".to_owned()).unwrap();
+        Outgoing::Message {
+            channel_id: 7,
+            frame: ServerFrame::message("c", &data, Some(id)),
+        }
+    }
+
+    /// An outbox with a direct writer, and the lane of a connection live on channel 7 after 0.
+    fn armed(socket: &Arc<Socket>) -> (SessionOutbox, Subscriptions) {
+        let outbox = SessionOutbox::new(8);
+        outbox.set_direct(Arc::clone(socket) as _);
+        let mut subs = Subscriptions::new(8);
+        subs.request("c");
+        let subscribed = Outgoing::Subscribed {
+            channel: Arc::from("c"),
+            channel_id: 7,
+            last: 0,
+            since: None,
+        };
+        subs.apply(subscribed, &mut Frames::new());
+        assert!(outbox.arm(subs.lane()));
+        (outbox, subs)
+    }
+
+    #[test]
+    fn the_lane_writes_in_order_and_hands_anything_else_to_the_session() {
+        let socket = Arc::new(Socket::default());
+        let (outbox, mut subs) = armed(&socket);
+        assert_eq!(outbox.push(message(1)), Push::Queued);
+        assert_eq!(outbox.push(message(2)), Push::Queued);
+        // A duplicate is dropped, as the connection's stream would drop it.
+        assert_eq!(outbox.push(message(2)), Push::Queued);
+        // A hole is the session's to fill: queued, and the lane is disarmed from here on.
+        assert_eq!(outbox.push(message(5)), Push::Queued);
+        assert_eq!(outbox.push(message(3)), Push::Queued);
+        assert_eq!(*socket.took.lock().unwrap(), [Some(1), Some(2)]);
+        let back = outbox.reclaim().expect("was armed");
+        assert_eq!((back.frames, back.unfinished), (2, false));
+        subs.absorb(&back.lane);
+        let mut queued = VecDeque::new();
+        outbox.drain_into(&mut queued);
+        assert_eq!(queued.len(), 2);
+        // What the lane wrote moved the stream on: the hole is 3..=4 (after the lane's 2), to be
+        // read from history, so nothing is sent live yet.
+        let mut out = Frames::new();
+        for item in queued {
+            subs.apply(item, &mut out);
+        }
+        assert!(out.is_empty());
+        assert_eq!(subs.next_read().map(|(_, window)| window), Some((2, 4)));
+        // A filling channel is not in the lane: armed again, its messages still queue.
+        assert!(outbox.arm(subs.lane()));
+        assert_eq!(outbox.push(message(6)), Push::Queued);
+        assert_eq!(socket.took.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_full_socket_or_a_part_write_goes_back_to_the_session() {
+        let socket = Arc::new(Socket::default());
+        socket
+            .answers
+            .lock()
+            .unwrap()
+            .extend([Sent::Partly, Sent::Nothing]);
+        let (outbox, _subs) = armed(&socket);
+        assert_eq!(outbox.push(message(1)), Push::Queued);
+        // Disarmed by the part write: 2 is queued, not offered to the socket.
+        assert_eq!(outbox.push(message(2)), Push::Queued);
+        let back = outbox.reclaim().expect("was armed");
+        assert_eq!((back.frames, back.unfinished), (1, true));
+        let mut queued = VecDeque::new();
+        outbox.drain_into(&mut queued);
+        assert_eq!(queued.len(), 1);
+        // Replies never take the lane; they queue, and disarm it.
+        let (outbox, _subs) = armed(&socket);
+        assert_eq!(outbox.reply(ServerFrame::pong()), Push::Queued);
+        assert_eq!(outbox.push(message(1)), Push::Queued);
+        assert_eq!(socket.took.lock().unwrap().len(), 1, "only the part write");
+        outbox.drain_into(&mut queued);
+        assert_eq!(queued.len(), 3);
+    }
+
+    #[test]
+    fn closing_releases_the_writer() {
+        let socket = Arc::new(Socket::default());
+        let (outbox, _subs) = armed(&socket);
+        outbox.close();
+        assert_eq!(Arc::strong_count(&socket), 1);
+        assert_eq!(outbox.push(message(1)), Push::Rejected);
+        assert!(outbox.reclaim().is_none());
+    }
 
     #[test]
     fn overflow_latches_and_frees() {
