@@ -109,10 +109,14 @@ impl Upgrade {
             };
             match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
             {
-                Ok(parts) => Some(Upgraded {
-                    stream: parts.io.into_inner(),
-                    early: parts.read_buf,
-                }),
+                Ok(parts) => {
+                    let stream = parts.io.into_inner();
+                    forget_hyper_wakers(&stream);
+                    Some(Upgraded {
+                        stream,
+                        early: parts.read_buf,
+                    })
+                }
                 Err(_) => {
                     // Only possible if the router is served by something other than
                     // `http::serve` (which always hands hyper a plain `TcpStream`).
@@ -125,6 +129,21 @@ impl Upgrade {
     }
 }
 
+/// Drop the wakers hyper's connection task left in the socket's readiness slots.
+///
+/// hyper waited for the client's next request with `poll_read`, which parks its task's waker in
+/// the socket's read slot. The session waits with `readable()`, which queues its own waiter
+/// instead and never replaces that slot, so the finished task's waker stayed there until the
+/// client sent something: for an idle connection, that kept hyper's whole task (about 3.7 KiB)
+/// allocated for the life of the WebSocket. Polling both directions once with a no-op waker
+/// swaps it out. If the socket is ready instead, the readiness event that made it ready has
+/// already taken and dropped the old waker.
+fn forget_hyper_wakers(stream: &TcpStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = stream.poll_read_ready(&mut cx);
+    let _ = stream.poll_write_ready(&mut cx);
+}
+
 #[cfg(test)]
 mod tests {
     /// The example of RFC 6455 §1.3.
@@ -134,5 +153,41 @@ mod tests {
             super::accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    /// A waker parked by `poll_read` (as hyper's connection task does) is released: its task's
+    /// memory is not kept alive by an idle socket.
+    #[tokio::test]
+    async fn hyper_waker_is_released() {
+        use std::{
+            sync::Arc,
+            task::{Context, Wake, Waker},
+        };
+        use tokio::io::{AsyncRead, ReadBuf};
+
+        struct Counted;
+        impl Wake for Counted {
+            fn wake(self: Arc<Self>) {}
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let task = Arc::new(Counted);
+        let waker = Waker::from(Arc::clone(&task));
+        let mut byte = [0u8; 1];
+        let parked = std::pin::Pin::new(&mut server).poll_read(
+            &mut Context::from_waker(&waker),
+            &mut ReadBuf::new(&mut byte),
+        );
+        assert!(parked.is_pending(), "nothing was sent yet");
+        drop(waker);
+        assert_eq!(Arc::strong_count(&task), 2, "the socket holds the waker");
+
+        super::forget_hyper_wakers(&server);
+        assert_eq!(Arc::strong_count(&task), 1, "the socket let go of it");
+        drop(client);
     }
 }
