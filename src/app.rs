@@ -14,7 +14,7 @@ use crate::{
     access_log::AccessLog,
     commit::Committer,
     config::Settings,
-    core::CoreSettings,
+    core::{CoreSettings, fanout::Fanout},
     dispatcher::{self, Dispatcher},
     history::HistoryReader,
     http,
@@ -77,6 +77,8 @@ pub enum StartupError {
     Webhooks(String),
     #[error("server error: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("cannot start the fan-out threads: {0}")]
+    Threads(String),
     /// A task spawned with [`Lifecycle::spawn_critical`] ended before shutdown.
     #[error("critical task `{task}` stopped unexpectedly")]
     TaskFailed { task: &'static str },
@@ -124,7 +126,9 @@ impl Application {
             gap_wait: settings.history.gap_wait,
             head_check_interval: settings.history.head_check_interval,
         };
-        let pubsub = PubSub::start(&settings.redis, core, history.clone(), &lifecycle)?;
+        let fanout = Fanout::threaded(settings.ws.fanout_helpers(), settings.ws.fanout_shard)
+            .map_err(|e| StartupError::Threads(e.to_string()))?;
+        let pubsub = PubSub::start(&settings.redis, core, fanout, history.clone(), &lifecycle)?;
         let rules = Rules {
             max_channels: settings.limits.channels_per_subject,
             idempotency_window: settings.publish.idempotency_window,

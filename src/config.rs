@@ -408,6 +408,25 @@ pub struct WsSettings {
     /// so several frames share one syscall. Zero (the default) writes at once.
     #[serde(with = "duration")]
     pub coalesce_delay: Duration,
+    /// Subscribers per shard at least when a big channel's message is written from several
+    /// threads (a channel needs two shards' worth); 0 writes every fan-out from one thread.
+    pub fanout_shard: usize,
+    /// Threads that help write big fan-outs; 0 = one per CPU beyond the first.
+    pub fanout_threads: usize,
+}
+
+impl WsSettings {
+    /// Helper threads for big fan-outs, `fanout_threads` resolved (0 when fan-outs stay on one
+    /// thread).
+    pub fn fanout_helpers(&self) -> usize {
+        if self.fanout_shard == 0 {
+            return 0;
+        }
+        match self.fanout_threads {
+            0 => std::thread::available_parallelism().map_or(0, |n| n.get() - 1),
+            n => n,
+        }
+    }
 }
 
 /// Rate limits and quotas per client (see docs/security.md). 0 turns a limit off.
@@ -837,6 +856,13 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "ws.read_buffer_bytes",
                 "must be between 256 and 1048576",
+            ));
+        }
+        // Each is an OS thread started at startup: a typo of a few zeros must not try millions.
+        if self.ws.fanout_threads > 256 {
+            return Err(ConfigError::invalid(
+                "ws.fanout_threads",
+                "must be at most 256",
             ));
         }
         positive("sse.keepalive_interval", self.sse.keepalive_interval)?;
@@ -1343,6 +1369,7 @@ mod tests {
                 "1099511627776",
                 "ws.read_buffer_bytes",
             ),
+            ("APP__WS__FANOUT_THREADS", "100000", "ws.fanout_threads"),
             (
                 "APP__ACCESS_LOG__QUEUE_CAPACITY",
                 "4611686018427387904",

@@ -136,8 +136,9 @@ pub enum Access {
     /// A WebSocket opened without a token: until an `auth` frame is accepted (within
     /// `auth.handshake_timeout`) no other frame is; query subscriptions wait for it.
     AwaitingToken,
-    /// Every subscribe and publish is checked against this principal until its `exp`.
-    Granted(Principal),
+    /// Every subscribe and publish is checked against this principal until its `exp`. Boxed:
+    /// connections without a token do not carry its room.
+    Granted(Box<Principal>),
 }
 
 /// A history read in flight, owned by the session so that `select!` can drop and re-poll it.
@@ -170,8 +171,9 @@ pub struct Session {
     deadline_changed: bool,
     /// `token_expiring` was sent for the current token.
     warned: bool,
-    /// `limits.publish_per_connection` (`None`: off).
-    publish_limit: Option<ConnectionLimiter>,
+    /// `limits.publish_per_connection`, made on the first publish (`None`: off, or no publish
+    /// yet); boxed, so subscribe-only connections do not carry it.
+    publish_limit: Option<Box<ConnectionLimiter>>,
     /// A direct write left the rest of a frame with the transport: write before waiting.
     unfinished: bool,
     /// Publishes waiting for their commit, answered in the order they were sent; boxed and
@@ -199,7 +201,7 @@ impl Session {
             ),
             // A replaying channel holds at most as many live frames as the outbox would.
             subs: Subscriptions::new(capacity),
-            publish_limit: state.limits.connection_limiter(),
+            publish_limit: None,
             state,
             queued: VecDeque::new(),
             announces: VecDeque::new(),
@@ -234,8 +236,8 @@ impl Session {
         }
     }
 
-    pub fn ws_settings(&self) -> &crate::config::WsSettings {
-        &self.state.settings.ws
+    pub fn settings(&self) -> &Arc<crate::config::Settings> {
+        &self.state.settings
     }
 
     /// Let the delivery core write this connection's frames itself while the session waits
@@ -328,7 +330,7 @@ impl Session {
             }
         };
         self.reply(ServerFrame::authenticated(&principal.sub, principal.exp));
-        self.access = Access::Granted(principal);
+        self.access = Access::Granted(Box::new(principal));
         self.warned = false;
         self.arm_auth_timer();
         for (channel, since) in std::mem::take(&mut self.pending) {
@@ -355,7 +357,7 @@ impl Session {
             Err(err) => return self.reply(ServerFrame::error("unauthorized", &err.to_string())),
         };
         self.reply(ServerFrame::authenticated(&principal.sub, principal.exp));
-        self.access = Access::Granted(principal);
+        self.access = Access::Granted(Box::new(principal));
         self.warned = false;
         self.arm_auth_timer();
         for channel in self.subs.channels() {
@@ -759,6 +761,9 @@ impl Session {
                 // Accepted while this replica has no broker connection, as over HTTP: once
                 // Postgres committed it the message is durable, and every replica's catch-up
                 // delivers it when Redis is back.
+                if self.publish_limit.is_none() {
+                    self.publish_limit = self.state.limits.connection_limiter().map(Box::new);
+                }
                 if let Some(Err(limited)) = self.publish_limit.as_ref().map(|l| l.check()) {
                     let message = limited.to_string();
                     let frame =

@@ -20,6 +20,7 @@
 //! This module depends on nothing but [`crate::protocol`]; it is tested exhaustively with
 //! property tests against a model (`tests` below).
 
+pub mod fanout;
 pub mod sequencer;
 pub mod stream;
 pub mod subscriptions;
@@ -32,6 +33,7 @@ use std::{
 
 use crate::protocol::ServerFrame;
 
+use fanout::Fanout;
 use sequencer::{MAX_PENDING, Offer, Sequencer};
 
 /// Frames a connection sends in one write, in order. Most wake-ups carry one frame, which fits
@@ -97,8 +99,9 @@ pub enum Push {
     Rejected,
 }
 
-/// A session's receiving end, as the core sees it. Pushing must never wait.
-pub trait Subscriber {
+/// A session's receiving end, as the core sees it. Pushing must never wait, and may happen on
+/// any thread ([`fanout`]).
+pub trait Subscriber: Send + Sync {
     fn push(&self, item: Outgoing) -> Push;
     fn is_closed(&self) -> bool;
 }
@@ -181,10 +184,18 @@ pub struct Core<T> {
     subscriptions: usize,
     next_id: ChannelId,
     stats: Stats,
+    fanout: Fanout,
+    /// What each push of the last fan-out did (kept to reuse its allocation).
+    pushed: Vec<Push>,
 }
 
 impl<T: Subscriber> Core<T> {
+    /// A core whose fan-outs all run on the calling thread.
     pub fn new(settings: CoreSettings) -> Self {
+        Self::with_fanout(settings, Fanout::inline())
+    }
+
+    pub fn with_fanout(settings: CoreSettings, fanout: Fanout) -> Self {
         Self {
             channels: HashMap::new(),
             gapped: HashSet::new(),
@@ -196,6 +207,8 @@ impl<T: Subscriber> Core<T> {
             subscriptions: 0,
             next_id: 0,
             stats: Stats::default(),
+            fanout,
+            pushed: Vec::new(),
         }
     }
 
@@ -541,6 +554,7 @@ impl<T: Subscriber> Core<T> {
                 while let Some(frame) = ready {
                     let channel_id = entry.id;
                     Self::push_all(
+                        (&self.fanout, &mut self.pushed),
                         &mut self.stats,
                         &mut self.subscriptions,
                         entry,
@@ -570,13 +584,20 @@ impl<T: Subscriber> Core<T> {
 
     fn fan_out(&mut self, channel: &str, item: Outgoing) {
         if let Some(entry) = self.channels.get_mut(channel) {
-            Self::push_all(&mut self.stats, &mut self.subscriptions, entry, item);
+            Self::push_all(
+                (&self.fanout, &mut self.pushed),
+                &mut self.stats,
+                &mut self.subscriptions,
+                entry,
+                item,
+            );
         }
         self.close_if_unused(channel);
     }
 
     /// Queue `item` for every subscriber, forgetting those already gone.
     fn push_all(
+        (fanout, pushed): (&Fanout, &mut Vec<Push>),
         stats: &mut Stats,
         subscriptions: &mut usize,
         entry: &mut Channel<T>,
@@ -585,17 +606,12 @@ impl<T: Subscriber> Core<T> {
         // Control items (catch-up markers) are not deliveries.
         let frame = u64::from(item.is_frame());
         let subs = &mut entry.subscribers;
-        let mut i = 0;
-        while i < subs.len() {
-            match subs[i].push(item.clone()) {
-                Push::Queued => {
-                    stats.delivered += frame;
-                    i += 1;
-                }
-                Push::Overflowed => {
-                    stats.slow_consumers += 1;
-                    i += 1;
-                }
+        fanout.push(subs, &item, pushed);
+        // Backwards, so that `swap_remove` only moves subscribers already counted.
+        for i in (0..subs.len()).rev() {
+            match pushed[i] {
+                Push::Queued => stats.delivered += frame,
+                Push::Overflowed => stats.slow_consumers += 1,
                 Push::Rejected => {
                     stats.subscribers_gone += 1;
                     subs.swap_remove(i);
@@ -644,7 +660,13 @@ impl<T: Subscriber> Core<T> {
                 channel: Arc::clone(&entry.name),
                 upto: gap.upto,
             };
-            Self::push_all(&mut self.stats, &mut self.subscriptions, entry, item);
+            Self::push_all(
+                (&self.fanout, &mut self.pushed),
+                &mut self.stats,
+                &mut self.subscriptions,
+                entry,
+                item,
+            );
         }
         Self::track_gap(&mut self.gapped, entry);
         self.close_if_unused(channel);

@@ -10,9 +10,8 @@
 //! complete up to the last committed offset (no tail loss).
 
 use std::{
-    cell::RefCell,
     collections::{HashMap, VecDeque},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -21,6 +20,7 @@ use serde_json::value::RawValue;
 
 use super::{
     Action, Core, CoreSettings, Frames, Outgoing, Push, Subscriber,
+    fanout::Fanout,
     subscriptions::{Announce, Check, Lane, Subscriptions},
 };
 use crate::protocol::{FrameKind, ServerFrame};
@@ -34,32 +34,46 @@ const HEAD_CHECK: Duration = Duration::from_millis(1000);
 /// With an armed lane it "writes" frames directly, like a WebSocket outbox (`pubsub::outbox`):
 /// the model then checks that what bypassed the session is exactly what it would have sent.
 #[derive(Default)]
-struct Outbox {
-    queue: RefCell<VecDeque<Outgoing>>,
-    armed: std::cell::Cell<bool>,
+struct Outbox(Mutex<OutboxState>);
+
+#[derive(Default)]
+struct OutboxState {
+    queue: VecDeque<Outgoing>,
+    armed: bool,
     /// The lane given when armed, and the frames written through it since.
-    lane: RefCell<Option<(Lane, Frames)>>,
+    lane: Option<(Lane, Frames)>,
 }
 
 impl Outbox {
+    fn state(&self) -> std::sync::MutexGuard<'_, OutboxState> {
+        self.0
+            .lock()
+            .expect("no test thread panicked while holding it")
+    }
+
     fn arm(&self, lane: Lane) {
-        assert!(
-            self.queue.borrow().is_empty(),
-            "armed only with nothing queued"
-        );
-        self.armed.set(true);
-        *self.lane.borrow_mut() = Some((lane, Frames::new()));
+        let mut state = self.state();
+        assert!(state.queue.is_empty(), "armed only with nothing queued");
+        state.armed = true;
+        state.lane = Some((lane, Frames::new()));
     }
 
     fn reclaim(&self) -> Option<(Lane, Frames)> {
-        self.armed.set(false);
-        self.lane.borrow_mut().take()
+        let mut state = self.state();
+        state.armed = false;
+        state.lane.take()
+    }
+
+    fn pop(&self) -> Option<Outgoing> {
+        self.state().queue.pop_front()
     }
 }
 
 impl Subscriber for Outbox {
     fn push(&self, item: Outgoing) -> Push {
-        if let (true, Some((lane, written))) = (self.armed.get(), self.lane.borrow_mut().as_mut()) {
+        let mut state = self.state();
+        let state = &mut *state;
+        if let (true, Some((lane, written))) = (state.armed, state.lane.as_mut()) {
             match &item {
                 Outgoing::Frame(frame) => {
                     written.push(frame.clone());
@@ -81,8 +95,8 @@ impl Subscriber for Outbox {
             }
         }
         // Disarmed: the session applies everything from here on.
-        self.armed.set(false);
-        self.queue.borrow_mut().push_back(item);
+        state.armed = false;
+        state.queue.push_back(item);
         Push::Queued
     }
     fn is_closed(&self) -> bool {
@@ -171,12 +185,19 @@ struct World {
 }
 
 impl World {
-    fn new() -> Self {
+    /// `threaded`: fan-outs split over a second thread, one subscriber per shard.
+    fn new(threaded: bool) -> Self {
         let now = Instant::now();
-        let mut core = Core::new(CoreSettings {
+        let fanout = if threaded {
+            Fanout::threaded(1, 1).expect("a thread starts")
+        } else {
+            Fanout::inline()
+        };
+        let settings = CoreSettings {
             gap_wait: GAP_WAIT,
             head_check_interval: HEAD_CHECK,
-        });
+        };
+        let mut core = Core::with_fanout(settings, fanout);
         core.broker_up(now);
         World {
             core,
@@ -300,7 +321,7 @@ impl World {
             loop {
                 let mut out = Frames::new();
                 let session = &mut self.sessions[s];
-                let item = session.outbox.queue.borrow_mut().pop_front();
+                let item = session.outbox.pop();
                 if let Some(item) = item {
                     if let Some(announce) = session.subs.apply(item, &mut out) {
                         session.announces.push(announce);
@@ -474,8 +495,11 @@ proptest! {
     })]
 
     #[test]
-    fn every_connection_gets_every_offset_once_in_order_or_a_gap(ops in proptest::collection::vec(op(), 1..80)) {
-        let mut world = World::new();
+    fn every_connection_gets_every_offset_once_in_order_or_a_gap(
+        threaded in any::<bool>(),
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let mut world = World::new(threaded);
         for op in ops {
             world.step(op);
         }

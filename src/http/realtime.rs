@@ -105,7 +105,7 @@ pub async fn upgrade(
         (false, _) => Access::Open,
         // Browsers cannot set headers on a WebSocket: they authenticate with the first frame.
         (true, None) => Access::AwaitingToken,
-        (true, Some(token)) => Access::Granted(state.auth.verify(token)?),
+        (true, Some(token)) => Access::Granted(Box::new(state.auth.verify(token)?)),
     };
     let channels = subscriptions(&state, query.as_deref())?;
     let ws = Upgrade::from_request(headers, &mut parts.extensions)?;
@@ -156,7 +156,7 @@ pub async fn stream(
     let principal = auth::authenticate(&state, auth::bearer(&headers).or(query_token.as_deref()))?;
     auth::note_subject(context.as_ref().map(|Extension(c)| c), principal.as_ref());
     let session_access = match principal {
-        Some(principal) => Access::Granted(principal),
+        Some(principal) => Access::Granted(Box::new(principal)),
         None => Access::Open,
     };
     let mut subs = subscriptions(&state, query.as_deref())?;

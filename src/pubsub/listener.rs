@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     config::RedisSettings,
-    core::{Action, Core, CoreSettings, Stats},
+    core::{Action, Core, Stats},
     history::HistoryReader,
     lifecycle::Lifecycle,
     protocol::{Envelope, ServerFrame},
@@ -116,7 +116,7 @@ pub struct Listener {
 pub fn start(
     source: Source,
     settings: RedisSettings,
-    core: CoreSettings,
+    core: Core<SessionOutbox>,
     history: HistoryReader,
     replica: u64,
     lifecycle: &Lifecycle,
@@ -126,7 +126,7 @@ pub fn start(
     let (heads, heads_rx) = mpsc::channel(HEADS_QUEUE);
     let status = Arc::new(ListenerStatus::default());
     let core_task = CoreTask {
-        core: Core::new(core),
+        core,
         inbox: inbox_rx,
         control,
         heads,

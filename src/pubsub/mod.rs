@@ -20,8 +20,12 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::RedisSettings, core::CoreSettings, history::HistoryReader, lifecycle::Lifecycle,
-    protocol::Envelope, telemetry::otel,
+    config::RedisSettings,
+    core::{Core, CoreSettings, fanout::Fanout},
+    history::HistoryReader,
+    lifecycle::Lifecycle,
+    protocol::Envelope,
+    telemetry::otel,
 };
 
 use listener::Event;
@@ -76,6 +80,7 @@ impl PubSub {
     pub fn start(
         settings: &RedisSettings,
         core: CoreSettings,
+        fanout: Fanout,
         history: HistoryReader,
         lifecycle: &Lifecycle,
     ) -> Result<Self, PubSubError> {
@@ -89,7 +94,14 @@ impl PubSub {
         )?;
         // Random per process, below 2^53 so that every JSON reader keeps it exact.
         let replica = fastrand::u64(..1 << 53);
-        let listener = listener::start(source, settings.clone(), core, history, replica, lifecycle);
+        let listener = listener::start(
+            source,
+            settings.clone(),
+            Core::with_fanout(core, fanout),
+            history,
+            replica,
+            lifecycle,
+        );
         let (committed, committed_rx) = mpsc::channel(PUBLISH_QUEUE);
         let pubsub = Self {
             inbox: listener.inbox,

@@ -102,7 +102,8 @@ impl DecodeError {
 pub struct Decoder {
     max_message: usize,
     /// A fragmented data message in progress: whether it is text, and its payload so far.
-    partial: Option<(bool, Vec<u8>)>,
+    /// Boxed: rare, and every connection carries the field.
+    partial: Option<Box<(bool, Vec<u8>)>>,
 }
 
 struct Header {
@@ -169,7 +170,7 @@ impl Decoder {
         let control = opcode & 0x08 != 0;
         match opcode {
             opcode::CONTINUATION | opcode::TEXT | opcode::BINARY => {
-                let so_far = self.partial.as_ref().map_or(0, |(_, p)| p.len() as u64);
+                let so_far = self.partial.as_ref().map_or(0, |p| p.1.len() as u64);
                 // Refused at the header: an oversized message is never buffered.
                 if so_far.saturating_add(len) > self.max_message as u64 {
                     return Err(DecodeError::TooBig);
@@ -205,12 +206,12 @@ impl Decoder {
             opcode::PONG => return Ok(Some(Event::Pong)),
             opcode::CLOSE => return close_event(&payload).map(Some),
             opcode::CONTINUATION => match &mut self.partial {
-                Some((_, so_far)) => {
-                    so_far.extend_from_slice(&payload);
+                Some(partial) => {
+                    partial.1.extend_from_slice(&payload);
                     if !fin {
                         return Ok(None);
                     }
-                    self.partial.take()
+                    self.partial.take().map(|partial| *partial)
                 }
                 None => return Err(DecodeError::Protocol("continuation of nothing")),
             },
@@ -218,7 +219,7 @@ impl Decoder {
                 return Err(DecodeError::Protocol("new message inside a fragmented one"));
             }
             text_or_binary if !fin => {
-                self.partial = Some((text_or_binary == opcode::TEXT, payload.to_vec()));
+                self.partial = Some(Box::new((text_or_binary == opcode::TEXT, payload.to_vec())));
                 return Ok(None);
             }
             text_or_binary => Some((text_or_binary == opcode::TEXT, payload.to_vec())),

@@ -90,42 +90,50 @@ fn accept_key(key: &[u8]) -> String {
 }
 
 impl Upgrade {
-    /// The `101` answer, and the socket once hyper has sent it.
-    pub fn accept(self) -> (Response, impl Future<Output = Option<Upgraded>> + Send) {
+    /// The `101` answer, and the handle to the socket once hyper has sent it.
+    pub fn accept(self) -> (Response, PendingUpgrade) {
         let mut response = Response::new(axum::body::Body::empty());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept);
-        let on_upgrade = self.on_upgrade;
-        let upgraded = async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(err) => {
-                    tracing::debug!(%err, "WebSocket upgrade failed");
-                    return None;
-                }
-            };
-            match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
-            {
-                Ok(parts) => {
-                    let stream = parts.io.into_inner();
-                    forget_hyper_wakers(&stream);
-                    Some(Upgraded {
-                        stream,
-                        early: parts.read_buf,
-                    })
-                }
-                Err(_) => {
-                    // Only possible if the router is served by something other than
-                    // `http::serve` (which always hands hyper a plain `TcpStream`).
-                    tracing::error!("WebSocket upgrade on a connection that is not a TcpStream");
-                    None
-                }
+        (response, PendingUpgrade(self.on_upgrade))
+    }
+}
+
+/// The socket of an answered upgrade, not handed over yet.
+///
+/// A small handle rather than a future: the session task keeps its arguments for its whole
+/// life, and the hand-over's future is only needed until it completes.
+pub struct PendingUpgrade(OnUpgrade);
+
+impl PendingUpgrade {
+    /// Wait until hyper has sent the `101`, and take the socket.
+    pub async fn finish(self) -> Option<Upgraded> {
+        let upgraded = match self.0.await {
+            Ok(upgraded) => upgraded,
+            Err(err) => {
+                tracing::debug!(%err, "WebSocket upgrade failed");
+                return None;
             }
         };
-        (response, upgraded)
+        match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded) {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                forget_hyper_wakers(&stream);
+                Some(Upgraded {
+                    stream,
+                    early: parts.read_buf,
+                })
+            }
+            Err(_) => {
+                // Only possible if the router is served by something other than `http::serve`
+                // (which always hands hyper a plain `TcpStream`).
+                tracing::error!("WebSocket upgrade on a connection that is not a TcpStream");
+                None
+            }
+        }
     }
 }
 

@@ -13,9 +13,11 @@ pub mod codec;
 pub mod handshake;
 pub mod writer;
 
+use std::{sync::Arc, time::Instant};
+
 use std::{
-    sync::Arc,
-    time::{Duration, Instant},
+    pin::Pin,
+    task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -23,14 +25,14 @@ use tokio::net::tcp::OwnedReadHalf;
 
 use crate::{
     access_log::{AccessContext, AccessLog, EntryKind, SessionStats},
-    config::WsSettings,
+    config::Settings,
     core::Frames,
     protocol::QuerySubscription,
     session::{End, Inbound, Session, Transport, close_code},
 };
 
 use codec::{Decoder, Event};
-use handshake::Upgraded;
+use handshake::{PendingUpgrade, Upgraded};
 use writer::WsWriter;
 
 /// An upgraded WebSocket connection.
@@ -40,25 +42,23 @@ pub struct WsTransport {
     buf: BytesMut,
     decoder: Decoder,
     writer: Arc<WsWriter>,
-    read_chunk: usize,
-    write_timeout: Duration,
-    idle_timeout: Duration,
+    /// `ws.read_buffer_bytes`, `ws.write_timeout` and `ws.idle_timeout`, shared rather than
+    /// copied into every connection.
+    settings: Arc<Settings>,
     last_seen: Instant,
 }
 
 impl WsTransport {
     /// The transport, and its write half for the session's outbox (direct writes).
-    pub fn new(upgraded: Upgraded, settings: &WsSettings) -> (Self, Arc<WsWriter>) {
+    pub fn new(upgraded: Upgraded, settings: &Arc<Settings>) -> (Self, Arc<WsWriter>) {
         let (read, write) = upgraded.stream.into_split();
         let writer = Arc::new(WsWriter::new(write));
         let transport = Self {
             read,
             buf: BytesMut::from(&upgraded.early[..]),
-            decoder: Decoder::new(settings.max_message_bytes),
+            decoder: Decoder::new(settings.ws.max_message_bytes),
             writer: Arc::clone(&writer),
-            read_chunk: settings.read_buffer_bytes,
-            write_timeout: settings.write_timeout,
-            idle_timeout: settings.idle_timeout,
+            settings: Arc::clone(settings),
             last_seen: Instant::now(),
         };
         (transport, writer)
@@ -67,7 +67,9 @@ impl WsTransport {
     /// One write of `bufs` (after what a direct write left), bounded by `ws.write_timeout`: a
     /// client that accepts no bytes that long is a slow consumer.
     async fn write(&self, bufs: &mut [Bytes]) -> Result<(), End> {
-        match tokio::time::timeout(self.write_timeout, self.writer.write_all(bufs)).await {
+        match tokio::time::timeout(self.settings.ws.write_timeout, self.writer.write_all(bufs))
+            .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => Err(End::Close(close_code::SLOW_CONSUMER, "write timeout")),
@@ -82,21 +84,23 @@ impl WsTransport {
                 Ok(None) => {}
                 Err(err) => return Err(End::Close(err.close_code(), err.reason())),
             }
-            if self.buf.is_empty() {
-                // Idle connections keep no read buffer.
-                self.buf = BytesMut::new();
-            }
-            if self.read.readable().await.is_err() {
-                return Err(End::Gone);
-            }
-            self.buf.reserve(self.read_chunk);
-            match self.read.try_read_buf(&mut self.buf) {
-                Ok(0) => return Err(End::Gone),
+            match std::future::poll_fn(|cx| self.poll_read(cx)).await {
+                Ok(0) | Err(_) => return Err(End::Gone),
                 Ok(_) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(End::Gone),
             }
         }
+    }
+
+    /// Read what the socket has into `buf`. The room for it is reserved only while the poll
+    /// runs: a connection waiting for input keeps no read buffer. (And no future either:
+    /// `readable()` would add its waiter, 168 bytes, to every idle connection's task.)
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.buf.reserve(self.settings.ws.read_buffer_bytes);
+        let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.read), cx, &mut self.buf);
+        if polled.is_pending() && self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        polled
     }
 }
 
@@ -126,7 +130,7 @@ impl Transport for WsTransport {
     }
 
     async fn keepalive(&mut self) -> Result<(), End> {
-        if self.last_seen.elapsed() >= self.idle_timeout {
+        if self.last_seen.elapsed() >= self.settings.ws.idle_timeout {
             return Err(End::Close(close_code::IDLE_TIMEOUT, "idle timeout"));
         }
         self.write(&mut [codec::ping()]).await
@@ -150,16 +154,16 @@ impl Transport for WsTransport {
 /// it. Moving a value into a nested future instead would give it a second slot in the task
 /// (generator layout), and this task is most of an idle connection's memory.
 pub async fn serve(
-    upgraded: impl Future<Output = Option<Upgraded>>,
+    upgraded: PendingUpgrade,
     mut session: Session,
     initial: Vec<QuerySubscription>,
     access: Option<(AccessContext, AccessLog)>,
     held: impl Send,
 ) {
-    let Some(upgraded) = upgraded.await else {
+    let Some(upgraded) = upgraded.finish().await else {
         return;
     };
-    let (mut transport, writer) = WsTransport::new(upgraded, session.ws_settings());
+    let (mut transport, writer) = WsTransport::new(upgraded, session.settings());
     session.set_direct(writer);
     let started = Instant::now();
     metrics::gauge!("relay_ws_connections").increment(1.0);
