@@ -6,8 +6,10 @@
 #   chef     Rust toolchain + cargo-chef (the Rust tag must equal rust-toolchain.toml's channel;
 #            .ci/deploy-checks.sh enforces it, and rust-toolchain.toml itself is kept out of the
 #            build context so rustup never downloads extra components in here)
-#   planner  turns Cargo.toml/Cargo.lock into recipe.json (changes only when dependencies change)
-#   builder  builds the dependencies from the recipe (cached layer), then the relay binary
+#   planner  turns the workspace's manifests (Cargo.toml, loadgen/Cargo.toml) and Cargo.lock into
+#            recipe.json (changes only when dependencies change)
+#   builder  builds relay's dependencies from the recipe (cached layer), then the relay binary;
+#            the load generator (loadgen/, a workspace member) and its dependencies are not built
 #   runtime  distroless glibc image, no shell, non-root uid 65532
 #
 # The builder is Debian 12 (bookworm) so the binary links against the same glibc as the
@@ -33,10 +35,11 @@ COPY --from=planner /build/recipe.json recipe.json
 # Patched crates (vendor/README.md) are dependencies, not workspace members: the recipe does not
 # carry them, so they come in before the dependency build.
 COPY vendor/ vendor/
-# Dependencies only: this layer is reused until Cargo.toml / Cargo.lock change.
-RUN cargo chef cook --release --locked --recipe-path recipe.json
+# Dependencies only: this layer is reused until the manifests / Cargo.lock change. `-p relay` here
+# and below: the same package, so the same features, so the cached dependencies are the ones used.
+RUN cargo chef cook --release --locked -p relay --recipe-path recipe.json
 COPY . .
-RUN cargo build --release --locked --bin relay \
+RUN cargo build --release --locked -p relay --bin relay \
     && cp target/release/relay /build/relay
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 root="$PWD"
 say() { printf '  %s\n' "$*"; }
 
-cargo build --release --locked --quiet --bin relay --bin relay-loadgen
+cargo build --release --locked --quiet -p relay -p relay-loadgen
 image="$(mktemp -d)"
 cleanup() {
   [ -n "${pid:-}" ] && kill -9 "$pid" 2>/dev/null || true

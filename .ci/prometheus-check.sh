@@ -71,7 +71,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 command -v redis-server >/dev/null || fail "redis-server is not installed"
 for bin in "$RELAY_BIN" "$LOADGEN_BIN"; do
-  [[ -x "$bin" ]] || fail "$bin is missing (cargo build, or set RELAY_BIN / LOADGEN_BIN)"
+  [[ -x "$bin" ]] || fail "$bin is missing (cargo build -p relay -p relay-loadgen, or set RELAY_BIN / LOADGEN_BIN)"
 done
 say "$(prometheus --version 2>&1 | head -n 1)"
 

@@ -162,7 +162,7 @@ EOF
 setup_venv
 "$VENV/bin/schemathesis" --version
 if [[ ! -x "$RELAY_BIN" ]]; then
-  cargo build --locked --bin relay
+  cargo build --locked -p relay --bin relay
 fi
 
 FAILED=()

@@ -5,7 +5,7 @@
 # (off, on, off, on, …) so both see the same machine state, then prints deliveries per server
 # CPU-second and p99 of each run.
 #
-#   cargo build --release && scripts/auth-cost.sh        # RUNS=3 by default
+#   cargo build --release -p relay -p relay-loadgen && scripts/auth-cost.sh        # RUNS=3 by default
 #
 # Needs Postgres (DATABASE_URL, default the local one) and Redis on 127.0.0.1:6379.
 set -euo pipefail

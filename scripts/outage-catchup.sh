@@ -4,7 +4,7 @@
 # again 10 s later. Prints whether everything arrived, and how long after Redis came back the last
 # subscriber had caught up (the largest publish-to-delivery latency minus the outage).
 #
-#   cargo build --release && scripts/outage-catchup.sh
+#   cargo build --release -p relay -p relay-loadgen && scripts/outage-catchup.sh
 #
 # Needs redis-server and redis-cli on PATH and Postgres (DATABASE_URL, default the local one).
 set -euo pipefail

@@ -49,4 +49,4 @@ for file in "${files[@]}"; do
   esac
 done
 echo "renamed relay -> $new (crate $snake, metrics ${snake}_*, env ${upper}_*)."
-echo "Next: cargo check, review 'git diff', and update the README's description."
+echo "Next: cargo check --workspace, review 'git diff', and update the README's description."

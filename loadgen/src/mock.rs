@@ -486,7 +486,7 @@ async fn pipelined_ws_without_idempotency_stops_at_a_drop() {
 /// The generator's own ceiling: the real http, batch and pipelined-ws publish paths against a
 /// fake that answers at once, on one thread whose CPU time is measured (the fake runs on another
 /// thread). Prints msg/s and µs of client CPU per request. Not a pass/fail test:
-/// `cargo test --release --bin relay-loadgen client_ceiling -- --ignored --nocapture`.
+/// `cargo test --release -p relay-loadgen client_ceiling -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement; run it on an idle machine"]
 fn client_ceiling() {

@@ -32,8 +32,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // reqwest has rustls (relay's webhook client) and takes the process's provider.
-    relay::tls::install_crypto_provider();
+    // reqwest has rustls without a provider of its own and takes the process's.
+    install_crypto_provider();
     let args = args::Args::parse();
     if args.floor_sink {
         return floor::sink();
@@ -82,6 +82,12 @@ fn main() -> ExitCode {
         eprintln!("relay-loadgen: FAILED: {}", failures.join(", "));
         ExitCode::from(1)
     }
+}
+
+/// Install ring as rustls' process-wide crypto provider, the one relay installs. `Err` only means
+/// a provider is already in place, which is all that is needed.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn print_json_or(json: bool, value: &impl serde::Serialize, table: impl FnOnce()) {

@@ -54,9 +54,9 @@ impl HttpCtx {
         );
         // HTTP/1.1 (the crate is built without h2), keep-alive: the pool keeps one connection
         // per request in flight, so after the first round no request waits for a handshake.
-        // reqwest has rustls without a provider of its own (relay's webhook client brings
-        // ring): a client built before the process default is installed would panic.
-        relay::tls::install_crypto_provider();
+        // reqwest has rustls without a provider of its own: a client built before the process
+        // default is installed would panic (main installs ring first; tests build clients too).
+        crate::install_crypto_provider();
         let client = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
