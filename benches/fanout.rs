@@ -11,6 +11,12 @@
 //!   No session task waits on the outboxes here, so the wake-up a real push causes (scheduling
 //!   the session task) is not included: the network-level cost is `relay-loadgen`'s job.
 //!
+//! * `ingest`: the listener's work per Redis message on a replica with 1,000 channels of two
+//!   subscribers each: parse the payload, build the frame, sequence it and push it to both
+//!   outboxes (what `CoreTask::on_message` does, minus its metrics). Criterion's `thrpt` is
+//!   messages per second on one thread. The Redis client's RESP decoding and the inbox hop are
+//!   not included.
+//!
 //! `cargo bench --bench fanout` takes about a minute; `cargo bench --bench fanout -- fan_out`
 //! runs one group.
 
@@ -187,6 +193,72 @@ fn fan_out_10k(c: &mut Criterion) {
     group.finish();
 }
 
+fn ingest(c: &mut Criterion) {
+    const CHANNELS: usize = 1000;
+    const PER_BATCH: usize = 1000;
+    let mut core = core();
+    let names: Vec<String> = (0..CHANNELS).map(|i| format!("room-{i}")).collect();
+    let outboxes: Vec<[Arc<SessionOutbox>; 2]> = names
+        .iter()
+        .map(|name| {
+            let pair = [(); 2].map(|()| Arc::new(SessionOutbox::new(OUTBOX_CAPACITY)));
+            open(&mut core, name, &pair);
+            pair
+        })
+        .collect();
+    let data = sample_data(0);
+    let mut next_id = vec![0i64; CHANNELS];
+    let mut buf = VecDeque::new();
+    let mut group = c.benchmark_group("ingest");
+    group.throughput(Throughput::Elements(PER_BATCH as u64));
+    group.bench_function("1000_channels_2_subscribers", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for batch in 0..iters {
+                // The payloads as Redis hands them over, made outside the timed region.
+                let payloads: Vec<(usize, String)> = (0..PER_BATCH)
+                    .map(|i| {
+                        let c = (batch as usize * PER_BATCH + i) % CHANNELS;
+                        next_id[c] += 1;
+                        let payload = format!(
+                            r#"{{"data":{},"id":{},"origin":"relay"}}"#,
+                            data.get(),
+                            next_id[c]
+                        );
+                        (c, payload)
+                    })
+                    .collect();
+                let started = Instant::now();
+                for (c, payload) in &payloads {
+                    let channel = names[*c].as_str();
+                    if !core.is_tracked(channel) {
+                        continue;
+                    }
+                    let Ok(envelope) = Envelope::parse(payload.as_bytes()) else {
+                        continue;
+                    };
+                    let id = envelope.offset();
+                    let frame = ServerFrame::message(channel, envelope.data, id);
+                    core.message(channel, id, frame, started);
+                }
+                timed += started.elapsed();
+                let stats = core.take_stats();
+                assert_eq!(
+                    stats.delivered,
+                    2 * PER_BATCH as u64,
+                    "every message delivered"
+                );
+                for outbox in outboxes.iter().flatten() {
+                    outbox.drain_into(&mut buf);
+                    buf.clear();
+                }
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     // Short runs: the suite should finish in about a minute on a 2-core machine.
@@ -194,6 +266,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = envelope_parse, frame_encode, sequencer_offer, channel_lookup, fan_out_10k
+    targets = envelope_parse, frame_encode, sequencer_offer, channel_lookup, fan_out_10k, ingest
 }
 criterion_main!(benches);
