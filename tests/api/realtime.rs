@@ -419,3 +419,30 @@ async fn connections_are_bounded_per_replica_and_per_address() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_many_requests");
 }
+
+/// A channel big enough to be split over threads (here: one subscriber per shard, two helper
+/// threads) still gives every subscriber every message once, in order, from both directions
+/// (this replica's own messages and an outside replica's through Redis).
+#[tokio::test]
+async fn a_channel_written_from_several_threads_keeps_every_subscriber_in_order() {
+    let app = spawn_app_on(Backend::Services, |s| {
+        s.ws.fanout_shard = 1;
+        s.ws.fanout_threads = 2;
+    })
+    .await;
+    let other = app.spawn_replica().await;
+    let mut subscribers = Vec::new();
+    for _ in 0..6 {
+        subscribers.push(app.subscribed_ws(&["big"]).await);
+    }
+    const MESSAGES: i64 = 100;
+    for i in 0..MESSAGES {
+        let via = if i % 2 == 0 { &app } else { &other };
+        assert_eq!(via.publish("big", json!(i)).await, i + 1);
+    }
+    for ws in &mut subscribers {
+        for i in 0..MESSAGES {
+            assert_eq!(ws.recv_json().await, message("big", json!(i), i + 1));
+        }
+    }
+}
