@@ -16,6 +16,8 @@
 //! * [`sequencer`]: one channel's order on this replica.
 //! * [`stream`]: one channel as one connection receives it.
 //! * [`subscriptions`]: every channel of one connection, and how its outbox becomes frames.
+//! * [`fanout`]: where a message's pushes run: on the calling thread, or for a big channel split
+//!   over a few helper threads (the only threads the core has; it still does no I/O itself).
 //!
 //! This module depends on nothing but [`crate::protocol`]; it is tested exhaustively with
 //! property tests against a model (`tests` below).
