@@ -140,12 +140,12 @@ impl PendingUpgrade {
 /// Drop the wakers hyper's connection task left in the socket's readiness slots.
 ///
 /// hyper waited for the client's next request with `poll_read`, which parks its task's waker in
-/// the socket's read slot. The session waits with `readable()`, which queues its own waiter
-/// instead and never replaces that slot, so the finished task's waker stayed there until the
-/// client sent something: for an idle connection, that kept hyper's whole task (about 3.7 KiB)
-/// allocated for the life of the WebSocket. Polling both directions once with a no-op waker
-/// swaps it out. If the socket is ready instead, the readiness event that made it ready has
-/// already taken and dropped the old waker.
+/// the socket's read slot, and that waker keeps the finished task's whole cell (about 3.7 KiB)
+/// allocated until something replaces it. A session that waited with `readable()` (a waiter of
+/// its own, never that slot) left it there for the life of an idle WebSocket. The session reads
+/// with `poll_read` now, but the hand-over does not rely on it: polling both directions once with
+/// a no-op waker swaps the old one out. If the socket is ready instead, the readiness event that
+/// made it ready has already taken and dropped the old waker.
 fn forget_hyper_wakers(stream: &TcpStream) {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let _ = stream.poll_read_ready(&mut cx);

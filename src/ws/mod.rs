@@ -13,11 +13,11 @@ pub mod codec;
 pub mod handshake;
 pub mod writer;
 
-use std::{sync::Arc, time::Instant};
-
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
+    time::Instant,
 };
 
 use bytes::{Bytes, BytesMut};
