@@ -8,7 +8,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
     access_log::AccessLog,
@@ -47,16 +47,28 @@ async fn open_store(settings: &Settings) -> Result<MessageStore, StartupError> {
     Ok(MessageStore::Postgres(db))
 }
 
-/// Bind before serving, so port 0 works and the real address is known.
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartupError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| StartupError::Bind { addr, source })?;
-    Ok((listener, local))
+/// Bind before serving, so port 0 works and the real address is known. The backlog is
+/// explicit: `TcpListener::bind` uses 128, which a burst of a few hundred connects overflows.
+fn bind(addr: SocketAddr, backlog: u32) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let bound = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // As std's bind does: a restarted replica can take its port while old connections
+        // linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(backlog)?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound().map_err(|source| StartupError::Bind { addr, source })
 }
+
+/// The admin port serves a scraper and probes, not bursts of clients.
+const ADMIN_BACKLOG: u32 = 128;
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -114,13 +126,14 @@ impl Application {
         let auth = Arc::new(crate::auth::Authenticator::from_settings(&settings.auth)?);
         let store = open_store(&settings).await?;
         // Bind before starting any task, so a failed bind leaves none behind.
-        let (listener, local_addr) =
-            bind(SocketAddr::new(settings.server.host, settings.server.port)).await?;
-        let (admin_listener, admin_addr) = bind(SocketAddr::new(
-            settings.server.host,
-            settings.server.admin_port,
-        ))
-        .await?;
+        let (listener, local_addr) = bind(
+            SocketAddr::new(settings.server.host, settings.server.port),
+            settings.server.listen_backlog,
+        )?;
+        let (admin_listener, admin_addr) = bind(
+            SocketAddr::new(settings.server.host, settings.server.admin_port),
+            ADMIN_BACKLOG,
+        )?;
         let history = HistoryReader::new(store.clone(), settings.database.acquire_timeout);
         let core = CoreSettings {
             gap_wait: settings.history.gap_wait,
@@ -309,5 +322,36 @@ impl Application {
             (_, Some(task)) => Err(StartupError::TaskFailed { task }),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Connections beyond the backlog wait for the accept loop; within it the kernel
+    /// completes their handshakes on its own. With `TcpListener::bind`'s 128 the connects
+    /// past the first ~129 would hang for a SYN resend.
+    #[tokio::test]
+    async fn the_listener_queues_as_many_connects_as_its_backlog() {
+        // The kernel caps the backlog at somaxconn (4096 on Linux 5.4 and later).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let n = cap.min(600);
+        let (listener, addr) = bind("127.0.0.1:0".parse().unwrap(), 1024).unwrap();
+        let connects = (0..n).map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(800),
+                tokio::net::TcpStream::connect(addr),
+            )
+        });
+        let results = futures_util::future::join_all(connects).await;
+        let completed = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(completed, n, "handshakes completed without any accept");
+        drop(listener);
     }
 }

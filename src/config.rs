@@ -231,6 +231,10 @@ pub struct ServerSettings {
     /// Allow embedded mode (an empty `database.url` or `redis.url`): one replica, history in
     /// memory. Production sets false, so a missing URL fails fast instead.
     pub allow_embedded: bool,
+    /// Length of the public port's accept queue (the kernel caps it at
+    /// `net.core.somaxconn`). A burst of connects beyond it loses SYNs, which clients resend
+    /// only after a second.
+    pub listen_backlog: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -723,6 +727,12 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "access_log.sinks",
                 "the postgres sink needs database.url (it is empty: embedded mode)",
+            ));
+        }
+        if !(1..=65_535).contains(&self.server.listen_backlog) {
+            return Err(ConfigError::invalid(
+                "server.listen_backlog",
+                "must be between 1 and 65535",
             ));
         }
         at_least_one(
@@ -1370,6 +1380,12 @@ mod tests {
                 "ws.read_buffer_bytes",
             ),
             ("APP__WS__FANOUT_THREADS", "100000", "ws.fanout_threads"),
+            ("APP__SERVER__LISTEN_BACKLOG", "0", "server.listen_backlog"),
+            (
+                "APP__SERVER__LISTEN_BACKLOG",
+                "4294967295",
+                "server.listen_backlog",
+            ),
             (
                 "APP__ACCESS_LOG__QUEUE_CAPACITY",
                 "4611686018427387904",

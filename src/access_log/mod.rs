@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::{config::AccessLogSettings, lifecycle::Lifecycle};
 
-pub use entry::{AccessContext, Entry, EntryKind, SessionStats};
+pub use entry::{AccessContext, Entry, EntryKind, RequestInfo, SessionStats};
 
 /// Handle to the access log; cheap to clone. A disabled log (no sinks) records nothing.
 #[derive(Clone, Debug)]

@@ -29,7 +29,7 @@ use axum::{
 use http_body::{Frame, SizeHint};
 
 use crate::{
-    access_log::{AccessContext, AccessLog, EntryKind, SessionStats, redact_path},
+    access_log::{AccessContext, AccessLog, EntryKind, RequestInfo, SessionStats, redact_path},
     http::middleware::{RequestId, client_ip},
     state::AppState,
     telemetry::otel,
@@ -52,27 +52,34 @@ pub async fn record_http(State(state): State<AppState>, mut req: Request, next: 
                 .and_then(crate::telemetry::trace_id_of)
                 .map(str::to_owned)
         });
-    let context = AccessContext {
-        request_id: req
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.0.to_string())
-            .unwrap_or_default(),
-        trace_id,
-        method: req.method().to_string(),
-        route: req
-            .extensions()
-            .get::<MatchedPath>()
-            .map(|p| p.as_str().to_owned()),
-        path: redact_path(req.uri().path(), req.uri().query()),
-        client_ip: client_ip(peer, headers, &log.trusted_proxies).map(|ip| ip.to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|ua| ua.chars().take(512).collect()),
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.to_string());
+    let path = redact_path(req.uri().path(), req.uri().query());
+    let client_ip = client_ip(peer, headers, &log.trusted_proxies).map(|ip| ip.to_string());
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| match ua.char_indices().nth(512) {
+            Some((cut, _)) => &ua[..cut],
+            None => ua,
+        });
+    let context = AccessContext::new(
+        RequestInfo {
+            request_id: request_id.as_deref().unwrap_or_default(),
+            trace_id: trace_id.as_deref(),
+            method: req.method().as_str(),
+            route: req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(MatchedPath::as_str),
+            path: &path,
+            client_ip: client_ip.as_deref(),
+            user_agent,
+        },
         started,
-        subject: Default::default(),
-    };
+    );
     req.extensions_mut().insert(context.clone());
 
     let bytes_in = Arc::new(AtomicU64::new(0));
@@ -80,15 +87,16 @@ pub async fn record_http(State(state): State<AppState>, mut req: Request, next: 
     let res = next.run(req).await;
 
     let status = res.status();
-    let route = context.route.as_deref().unwrap_or("<unmatched>").to_owned();
+    let route = context.route().unwrap_or("<unmatched>").to_owned();
+    let method = context.method().to_owned();
     metrics::counter!(
         "relay_http_requests_total",
-        "method" => context.method.clone(),
+        "method" => method.clone(),
         "route" => route.clone(),
         "status" => status.as_str().to_owned()
     )
     .increment(1);
-    metrics::histogram!("relay_http_request_duration_seconds", "method" => context.method.clone(), "route" => route)
+    metrics::histogram!("relay_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
 
     // A WebSocket session writes its own entry when it ends.
@@ -140,7 +148,7 @@ impl Drop for PendingEntry {
         // SSE streams are sessions: say which channels and how many events.
         let session = (self.kind == EntryKind::Sse).then(|| SessionStats {
             frames_out: self.frames_out,
-            channels: url_channels(&self.context.path),
+            channels: url_channels(self.context.path()),
             ..SessionStats::default()
         });
         let entry = self.context.entry(self.kind, self.status, bytes, session);
