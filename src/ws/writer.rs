@@ -96,7 +96,12 @@ impl WsWriter {
 impl DirectWrite for WsWriter {
     fn try_send(&self, frame: &ServerFrame) -> Sent {
         let wire = &frame.wire;
-        match self.half.try_write(wire) {
+        // A plain send(2) on the socket, not tokio's `try_write`: that one reads and updates
+        // the socket's readiness slot, a cache line of its own per connection, on every
+        // delivery. Skipping it is safe: if the socket is full, the readiness tokio keeps is
+        // merely stale, and the session's first `try_write` refreshes it before waiting.
+        let socket = socket2::SockRef::from(self.half.as_ref());
+        match socket.send(wire) {
             Ok(n) if n == wire.len() => Sent::All,
             Ok(n) => {
                 *self.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(wire.slice(n..));

@@ -175,6 +175,34 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything(ba
     );
 }
 
+/// A client that stops reading for a while fills its socket through the fan-out's direct
+/// writes; the frame that no longer fits goes to the session, which must wait for room and
+/// then write the rest, in order. (The direct write bypasses tokio's readiness tracking, so a
+/// session that trusted that stale readiness would spin or stall here.)
+async fn a_client_that_pauses_reading_gets_everything_in_order(backend: Backend) {
+    let app = spawn_app_on(backend, |s| {
+        s.ws.outbox_capacity = 10_000;
+        s.ws.outbox_max_bytes = 64 * 1024 * 1024;
+        s.ws.write_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut paused = connect_non_reading(&app, "?channels=burst").await;
+    paused.expect_type("subscribed").await;
+    let blob = "x".repeat(16 * 1024);
+    let total = 200; // 3.2 MiB: far more than a 4 KiB receive buffer and the send buffer hold
+    for i in 0..total {
+        app.publish("burst", json!({"n": i, "blob": blob})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..total {
+        let frame = paused.expect_type("message").await;
+        assert_eq!(frame["data"]["n"], i);
+    }
+    // Still served: the next message comes straight through.
+    app.publish("burst", json!({"n": total})).await;
+    assert_eq!(paused.expect_type("message").await["data"]["n"], total);
+}
+
 /// The outbox is bounded in bytes too: a non-reading client of big messages is closed long
 /// before `ws.outbox_capacity` frames pile up.
 async fn the_outbox_byte_bound_closes_a_slow_consumer_of_big_messages(backend: Backend) {
@@ -377,6 +405,7 @@ crate::on_both_backends!(
     two_clients_on_one_channel_both_receive,
     one_thousand_messages_arrive_in_order_at_every_subscriber,
     a_slow_consumer_is_disconnected_while_healthy_clients_get_everything,
+    a_client_that_pauses_reading_gets_everything_in_order,
     the_outbox_byte_bound_closes_a_slow_consumer_of_big_messages,
     bad_frames_get_error_frames_and_the_connection_stays_open,
     too_many_subscriptions_get_an_error_frame,
