@@ -183,12 +183,42 @@ pub struct Core<T> {
     heads_wanted: Vec<Arc<str>>,
     settings: CoreSettings,
     next_head_check: Option<Instant>,
-    subscriptions: usize,
     next_id: ChannelId,
-    stats: Stats,
+    delivery: Delivery,
+}
+
+/// What a fan-out writes besides its channel: where it runs, what each push did, and the
+/// counts it changes. A field of its own, so a channel can be borrowed while it is written.
+#[derive(Debug)]
+struct Delivery {
     fanout: Fanout,
     /// What each push of the last fan-out did (kept to reuse its allocation).
     pushed: Vec<Push>,
+    /// Subscriptions over all channels.
+    subscriptions: usize,
+    stats: Stats,
+}
+
+impl Delivery {
+    /// Queue `item` for every subscriber, forgetting those already gone.
+    fn push_all<T: Subscriber>(&mut self, entry: &mut Channel<T>, item: Outgoing) {
+        // Control items (catch-up markers) are not deliveries.
+        let frame = u64::from(item.is_frame());
+        let subs = &mut entry.subscribers;
+        self.fanout.push(subs, &item, &mut self.pushed);
+        // Backwards, so that `swap_remove` only moves subscribers already counted.
+        for i in (0..subs.len()).rev() {
+            match self.pushed[i] {
+                Push::Queued => self.stats.delivered += frame,
+                Push::Overflowed => self.stats.slow_consumers += 1,
+                Push::Rejected => {
+                    self.stats.subscribers_gone += 1;
+                    subs.swap_remove(i);
+                    self.subscriptions -= 1;
+                }
+            }
+        }
+    }
 }
 
 impl<T: Subscriber> Core<T> {
@@ -206,11 +236,14 @@ impl<T: Subscriber> Core<T> {
             heads_wanted: Vec::new(),
             settings,
             next_head_check: None,
-            subscriptions: 0,
+
             next_id: 0,
-            stats: Stats::default(),
-            fanout,
-            pushed: Vec::new(),
+            delivery: Delivery {
+                fanout,
+                pushed: Vec::new(),
+                subscriptions: 0,
+                stats: Stats::default(),
+            },
         }
     }
 
@@ -228,11 +261,11 @@ impl<T: Subscriber> Core<T> {
     }
 
     pub fn subscription_count(&self) -> usize {
-        self.subscriptions
+        self.delivery.subscriptions
     }
 
     pub fn take_stats(&mut self) -> Stats {
-        std::mem::take(&mut self.stats)
+        std::mem::take(&mut self.delivery.stats)
     }
 
     /// The next I/O to perform.
@@ -313,7 +346,7 @@ impl<T: Subscriber> Core<T> {
                 let last = seq.last();
                 if !entry.subscribers.iter().any(|s| Arc::ptr_eq(s, sub)) {
                     entry.subscribers.push(Arc::clone(sub));
-                    self.subscriptions += 1;
+                    self.delivery.subscriptions += 1;
                 }
                 sub.push(Outgoing::Subscribed {
                     channel: Arc::clone(&entry.name),
@@ -347,7 +380,7 @@ impl<T: Subscriber> Core<T> {
         };
         if let Some(pos) = entry.subscribers.iter().position(|s| Arc::ptr_eq(s, sub)) {
             entry.subscribers.swap_remove(pos);
-            self.subscriptions -= 1;
+            self.delivery.subscriptions -= 1;
         }
         if let State::Opening { waiters, .. } = &mut entry.state {
             waiters.retain(|(s, _)| !Arc::ptr_eq(s, sub));
@@ -491,7 +524,7 @@ impl<T: Subscriber> Core<T> {
         for (sub, since) in waiters {
             if !entry.subscribers.iter().any(|s| Arc::ptr_eq(s, &sub)) {
                 entry.subscribers.push(Arc::clone(&sub));
-                self.subscriptions += 1;
+                self.delivery.subscriptions += 1;
             }
             sub.push(Outgoing::Subscribed {
                 channel: Arc::clone(&entry.name),
@@ -535,10 +568,10 @@ impl<T: Subscriber> Core<T> {
     /// A message this replica committed, either handed over at once (local-first delivery) or
     /// echoed by the broker: whichever comes second is dropped by offset as an echo.
     pub fn own_message(&mut self, channel: &str, id: i64, frame: ServerFrame, now: Instant) {
-        let duplicates = self.stats.duplicates;
+        let duplicates = self.delivery.stats.duplicates;
         self.message(channel, Some(id), frame, now);
-        self.stats.echoes += self.stats.duplicates - duplicates;
-        self.stats.duplicates = duplicates;
+        self.delivery.stats.echoes += self.delivery.stats.duplicates - duplicates;
+        self.delivery.stats.duplicates = duplicates;
     }
 
     fn sequenced(&mut self, channel: &str, id: i64, frame: ServerFrame, now: Instant) {
@@ -549,19 +582,14 @@ impl<T: Subscriber> Core<T> {
             return;
         };
         match seq.offer(id, frame, now) {
-            Offer::Duplicate => self.stats.duplicates += 1,
+            Offer::Duplicate => self.delivery.stats.duplicates += 1,
             Offer::Held => {}
             Offer::Ready(frame) => {
                 let mut ready = Some(frame);
                 while let Some(frame) = ready {
                     let channel_id = entry.id;
-                    Self::push_all(
-                        (&self.fanout, &mut self.pushed),
-                        &mut self.stats,
-                        &mut self.subscriptions,
-                        entry,
-                        Outgoing::Message { channel_id, frame },
-                    );
+                    self.delivery
+                        .push_all(entry, Outgoing::Message { channel_id, frame });
                     ready = match &mut entry.state {
                         State::Open { seq } => seq.pop_ready(),
                         State::Opening { .. } => None,
@@ -586,41 +614,9 @@ impl<T: Subscriber> Core<T> {
 
     fn fan_out(&mut self, channel: &str, item: Outgoing) {
         if let Some(entry) = self.channels.get_mut(channel) {
-            Self::push_all(
-                (&self.fanout, &mut self.pushed),
-                &mut self.stats,
-                &mut self.subscriptions,
-                entry,
-                item,
-            );
+            self.delivery.push_all(entry, item);
         }
         self.close_if_unused(channel);
-    }
-
-    /// Queue `item` for every subscriber, forgetting those already gone.
-    fn push_all(
-        (fanout, pushed): (&Fanout, &mut Vec<Push>),
-        stats: &mut Stats,
-        subscriptions: &mut usize,
-        entry: &mut Channel<T>,
-        item: Outgoing,
-    ) {
-        // Control items (catch-up markers) are not deliveries.
-        let frame = u64::from(item.is_frame());
-        let subs = &mut entry.subscribers;
-        fanout.push(subs, &item, pushed);
-        // Backwards, so that `swap_remove` only moves subscribers already counted.
-        for i in (0..subs.len()).rev() {
-            match pushed[i] {
-                Push::Queued => stats.delivered += frame,
-                Push::Overflowed => stats.slow_consumers += 1,
-                Push::Rejected => {
-                    stats.subscribers_gone += 1;
-                    subs.swap_remove(i);
-                    *subscriptions -= 1;
-                }
-            }
-        }
     }
 
     // --- Timers ---------------------------------------------------------------------------
@@ -657,18 +653,12 @@ impl<T: Subscriber> Core<T> {
             return;
         };
         if let Some(gap) = seq.take_gap(now) {
-            self.stats.gaps += 1;
+            self.delivery.stats.gaps += 1;
             let item = Outgoing::CatchUp {
                 channel: Arc::clone(&entry.name),
                 upto: gap.upto,
             };
-            Self::push_all(
-                (&self.fanout, &mut self.pushed),
-                &mut self.stats,
-                &mut self.subscriptions,
-                entry,
-                item,
-            );
+            self.delivery.push_all(entry, item);
         }
         Self::track_gap(&mut self.gapped, entry);
         self.close_if_unused(channel);
