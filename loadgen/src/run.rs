@@ -13,7 +13,7 @@ use crate::{
     report::{Connections, Deliveries, PublishStats, Report, ServerCost},
     stats::{LatencyMs, Shards, new_histogram},
     subscriber::{self, Connected, End, Shared},
-    sys::{CpuTime, cpu_seconds, now_micros, raise_fd_limit, rss_kib},
+    sys::{self, CpuTime, cpu_seconds, now_micros, raise_fd_limit, rss_kib},
 };
 
 /// Histogram shards per worker thread: enough that connections on different workers rarely
@@ -26,8 +26,31 @@ const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// Descriptors beyond one per connection: the runtime, Redis, HTTP, stdio.
 const SPARE_FDS: u64 = 64;
 
+/// TIME_WAIT sockets to the server's port beyond which the connect figure is suspect.
+const TIME_WAIT_WARNING: usize = 1000;
+
+/// Say so when an earlier run's connections still linger: the connect time would include the
+/// kernel's port reuse, not only relay.
+fn warn_of_time_wait(args: &Args) {
+    let Some(port) = url::Url::parse(&args.url)
+        .ok()
+        .and_then(|url| url.port_or_known_default())
+    else {
+        return;
+    };
+    let lingering = sys::time_wait_sockets(port);
+    if lingering >= TIME_WAIT_WARNING {
+        eprintln!(
+            "relay-loadgen: warning: {lingering} sockets to port {port} are still in TIME_WAIT \
+             from an earlier run; connect times may include the kernel's port reuse (wait about \
+             60 s between runs for a clean figure)"
+        );
+    }
+}
+
 pub async fn run(args: &Args) -> Result<Report, String> {
     raise_fd_limit(args.connections as u64 + SPARE_FDS)?;
+    warn_of_time_wait(args);
     let channels = args.channel_names();
     let ws_base = args.ws_base()?;
     let rss_before = match args.pid {

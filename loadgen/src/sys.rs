@@ -51,6 +51,39 @@ pub fn raise_fd_limit(needed: u64) -> Result<u64, String> {
     Ok(limit)
 }
 
+/// TCP sockets in TIME_WAIT from or to `port` (`/proc/net/tcp` and `tcp6`; 0 where they
+/// cannot be read). A run right after another one on the same host finds the last run's
+/// connections there: thousands of them make the kernel reuse ports whose other end may not be
+/// gone yet, and some connects then wait for a resend, which inflates the connect time.
+pub fn time_wait_sockets(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| count_time_wait(&table, port))
+        .sum()
+}
+
+/// Rows of a `/proc/net/tcp` table in state `06` (TIME_WAIT) with `port` at either end.
+fn count_time_wait(table: &str, port: u16) -> usize {
+    let port_of = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter(|row| {
+            let mut fields = row.split_whitespace().skip(1);
+            let (Some(local), Some(remote), Some(state)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return false;
+            };
+            state == "06" && (port_of(local) == Some(port) || port_of(remote) == Some(port))
+        })
+        .count()
+}
+
 /// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -122,5 +155,27 @@ impl CpuTime {
 
     pub fn total(self) -> f64 {
         self.user + self.system
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_wait_rows_to_or_from_the_port_are_counted() {
+        // 0x4762 = 18274, 0x0050 = 80; state 06 = TIME_WAIT, 01 = ESTABLISHED, 0A = LISTEN.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:4762 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:9C40 0100007F:4762 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0
+   2: 0100007F:4762 0100007F:9C41 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0
+   3: 0100007F:9C42 0100007F:4762 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0
+   4: 0100007F:9C43 0100007F:0050 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0
+   5: garbage
+";
+        assert_eq!(count_time_wait(table, 18274), 2);
+        assert_eq!(count_time_wait(table, 80), 1);
+        assert_eq!(count_time_wait(table, 9), 0);
+        assert_eq!(count_time_wait("", 18274), 0);
     }
 }
