@@ -120,7 +120,8 @@ impl AccessContext {
                 present |= 1 << i;
             }
             // Request heads are far below 4 GiB (hyper caps them), so this never saturates;
-            // if it did, the fields would come out truncated, not wrong.
+            // if it did, `field` would find no such range and give the field as absent, never
+            // another field's bytes.
             ends[i] = u32::try_from(text.len()).unwrap_or(u32::MAX);
         }
         Self {

@@ -236,7 +236,6 @@ impl<T: Subscriber> Core<T> {
             heads_wanted: Vec::new(),
             settings,
             next_head_check: None,
-
             next_id: 0,
             delivery: Delivery {
                 fanout,

@@ -93,6 +93,12 @@ impl WsWriter {
     }
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+/// Elsewhere there is no such flag (std sets `SO_NOSIGPIPE` on the BSDs' sockets instead).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_FLAGS: libc::c_int = 0;
+
 impl DirectWrite for WsWriter {
     fn try_send(&self, frame: &ServerFrame) -> Sent {
         let wire = &frame.wire;
@@ -100,8 +106,10 @@ impl DirectWrite for WsWriter {
         // the socket's readiness slot, a cache line of its own per connection, on every
         // delivery. Skipping it is safe: if the socket is full, the readiness tokio keeps is
         // merely stale, and the session's first `try_write` refreshes it before waiting.
+        // MSG_NOSIGNAL as std's own writes: a peer that reset must be an error here, not a
+        // SIGPIPE, whatever the embedding process does with that signal.
         let socket = socket2::SockRef::from(self.half.as_ref());
-        match socket.send(wire) {
+        match socket.send_with_flags(wire, SEND_FLAGS) {
             Ok(n) if n == wire.len() => Sent::All,
             Ok(n) => {
                 *self.rest.lock().unwrap_or_else(PoisonError::into_inner) = Some(wire.slice(n..));
@@ -110,6 +118,66 @@ impl DirectWrite for WsWriter {
             // Full, or broken: the frame is queued, and the session's own write waits for
             // room or meets the error.
             Err(_) => Sent::Nothing,
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::mem::MaybeUninit;
+
+    use super::*;
+
+    /// A direct write to a socket that can no longer send is an error, never a SIGPIPE. The
+    /// test harness ignores SIGPIPE, and an ignored signal is dropped at once, so it is blocked
+    /// on this thread instead: blocked, it stays pending where the test can see it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_direct_write_to_a_closed_socket_raises_no_sigpipe() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_read, write) = server.into_split();
+        let writer = WsWriter::new(write);
+        // Writing after our own shutdown is EPIPE, which is what raises SIGPIPE.
+        socket2::SockRef::from(writer.half.as_ref())
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+
+        let sigpipe = signal_set(libc::SIGPIPE);
+        let mut previous = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: both sets are initialised (`signal_set`) or written by the call itself.
+        let blocked =
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &sigpipe, previous.as_mut_ptr()) };
+        assert_eq!(blocked, 0);
+        let sent = writer.try_send(&ServerFrame::error("test", "after shutdown"));
+        let mut pending = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigpending writes the set it is given.
+        assert_eq!(unsafe { libc::sigpending(pending.as_mut_ptr()) }, 0);
+        // SAFETY: initialised by the successful sigpending above.
+        let raised = unsafe { libc::sigismember(pending.as_ptr(), libc::SIGPIPE) } == 1;
+        if raised {
+            // Take it before unblocking, so the failure is this assertion, not a dead process.
+            let mut taken = 0;
+            // SAFETY: `sigpipe` is initialised; `taken` is written by the call.
+            unsafe { libc::sigwait(&sigpipe, &mut taken) };
+        }
+        // SAFETY: `previous` was written by the first pthread_sigmask.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, previous.as_ptr(), std::ptr::null_mut())
+        };
+        assert!(!raised, "the direct write raised SIGPIPE");
+        assert_eq!(sent, Sent::Nothing);
+    }
+
+    fn signal_set(signal: libc::c_int) -> libc::sigset_t {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises the set, sigaddset then only changes it.
+        unsafe {
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::sigaddset(set.as_mut_ptr(), signal);
+            set.assume_init()
         }
     }
 }

@@ -177,8 +177,8 @@ async fn a_slow_consumer_is_disconnected_while_healthy_clients_get_everything(ba
 
 /// A client that stops reading for a while fills its socket through the fan-out's direct
 /// writes; the frame that no longer fits goes to the session, which must wait for room and
-/// then write the rest, in order. (The direct write bypasses tokio's readiness tracking, so a
-/// session that trusted that stale readiness would spin or stall here.)
+/// then write the rest, in order. (The direct write bypasses tokio's readiness tracking, so
+/// the session's own write must not depend on that readiness being current.)
 async fn a_client_that_pauses_reading_gets_everything_in_order(backend: Backend) {
     let app = spawn_app_on(backend, |s| {
         s.ws.outbox_capacity = 10_000;
