@@ -250,6 +250,20 @@ impl TestApp {
         res.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
     }
 
+    /// The metrics once `settled` holds of them, or after 5 s as they are. The core records
+    /// its counters after each batch of events, so `relay_messages_delivered_total` may trail
+    /// a frame the fan-out already wrote to the client.
+    pub async fn metrics_when(&self, settled: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let metrics = self.metrics().await;
+            if settled(&metrics) || tokio::time::Instant::now() >= deadline {
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// GET the admin port's `/metrics` and parse it.
     pub async fn metrics(&self) -> Metrics {
         let text = self

@@ -180,7 +180,9 @@ async fn each_app_counts_only_its_own_traffic() {
         busy.publish("own", json!(i)).await;
         ws.expect_type("message").await;
     }
-    let busy_m = busy.metrics().await;
+    let busy_m = busy
+        .metrics_when(|m| m.sum("relay_messages_delivered_total", &[]) >= 4.0)
+        .await;
     let quiet_m = quiet.metrics().await;
     assert_eq!(busy_m.sum("relay_messages_published_total", &[]), 4.0);
     assert_eq!(busy_m.sum("relay_messages_delivered_total", &[]), 4.0);
@@ -205,7 +207,10 @@ async fn metrics_are_prometheus_text_and_move_with_traffic() {
     for _ in 0..3 {
         app.get("/healthz").await;
     }
-    let after = app.metrics().await;
+    let delivered_before = before.sum("relay_messages_delivered_total", &[]);
+    let after = app
+        .metrics_when(|m| m.sum("relay_messages_delivered_total", &[]) - delivered_before >= 5.0)
+        .await;
     let moved =
         |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
     // Each app has its own registry, so the counts are exact.
