@@ -192,6 +192,11 @@ impl Args {
             .unwrap_or(DEFAULT_HTTP_CONCURRENCY.min(self.channels))
     }
 
+    /// Writers publishing on channel `ch`, each numbering its own messages.
+    pub fn writers_on(&self, _ch: usize) -> usize {
+        1
+    }
+
     /// Tries per request: 1 without --idempotency (a retry without a key could duplicate).
     pub fn max_attempts(&self) -> u32 {
         if self.idempotency {

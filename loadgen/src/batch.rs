@@ -87,7 +87,7 @@ pub fn write_body(
         out.push_str(r#"{"channel":""#);
         out.push_str(&names[ch]);
         out.push_str(r#"","data":"#);
-        write_stamp(out, seq, t_us, pad);
+        write_stamp(out, seq, None, t_us, pad);
         if let Some(run_id) = run_id {
             out.push_str(r#","idempotency_key":""#);
             write_key(out, run_id, &names[ch], seq);
@@ -150,7 +150,7 @@ pub async fn run(
         url,
         names,
         batch_size: args.batch_size(),
-        pad: padding(args.payload_bytes),
+        pad: padding(args.payload_bytes, None),
     });
     let mut queues = Vec::new();
     let mut tasks = Vec::new();
@@ -177,7 +177,7 @@ pub async fn run(
         // Slots own disjoint channels: the sums are each channel's own slot's counts.
         for ch in 0..channels.len() {
             out.per_channel[ch] += done.published[ch];
-            out.numbered[ch] += done.numbering.used(ch);
+            out.numbered[ch][0] += done.numbering.used(ch);
         }
         out.requests += done.requests;
         out.retries += done.retries;

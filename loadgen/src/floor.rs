@@ -53,8 +53,9 @@ fn frame_bytes(args: &Args) -> Vec<u8> {
     write_stamp(
         &mut data,
         typical_seq,
+        None,
         1_700_000_000_000_000,
-        &padding(args.payload_bytes),
+        &padding(args.payload_bytes, None),
     );
     let text = format!(
         r#"{{"type":"message","channel":"{}-{}","data":{data},"id":null}}"#,

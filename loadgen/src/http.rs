@@ -195,7 +195,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let ctx = Arc::new(HttpCtx::new(args)?);
     let base = args.http_base();
-    let pad = padding(args.payload_bytes);
+    let pad = padding(args.payload_bytes, None);
     let mut ticks = Vec::new();
     let mut tasks = Vec::new();
     for name in channels {
@@ -226,7 +226,7 @@ pub async fn run(
             .await
             .map_err(|e| format!("publisher task failed: {e}"))?;
         out.per_channel[ch] = done.published;
-        out.numbered[ch] = done.numbered;
+        out.numbered[ch] = vec![done.numbered];
         out.requests += done.published;
         out.retries += done.retries;
         out.replays += done.replays;
@@ -269,7 +269,7 @@ async fn post_channel(
         let seq = done.numbered;
         text.clear();
         text.push_str(r#"{"data":"#);
-        write_stamp(&mut text, seq, now_micros(), &pad);
+        write_stamp(&mut text, seq, None, now_micros(), &pad);
         text.push('}');
         // Every attempt sends these very bytes: a retry with the same key must carry the same
         // body, or relay refuses it as `idempotency_key_reused`.

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     args::Args,
-    publisher::{Published, Schedule, Sequencer},
+    publisher::{Published, Schedule, Sequencer, one_writer_each},
     retry::{backoff, new_run_id, write_key},
     stats::new_histogram,
     subscriber::client_config,
@@ -250,7 +250,7 @@ pub async fn run(
             .or_default() += left.len() as u64;
     }
     out.per_channel.clone_from(&state.acked);
-    out.numbered.clone_from(&seq.next);
+    out.numbered = one_writer_each(&seq.next);
     out.committed = out.total();
     out.requests = out.committed;
     out.latency = state.latency.clone();

@@ -4,7 +4,8 @@
 //!
 //! Message `i` is due at `i / rate` seconds after the start; each wake-up sends everything due
 //! (timers are ~1 ms coarse, so high rates go out in small bursts, and a stall is caught up
-//! rather than silently lowering the rate). Each channel numbers its messages 0, 1, 2, … and a
+//! rather than silently lowering the rate). Each channel's writer (one per channel, or several in
+//! http mode with `--http-concurrency` above `--channels`) numbers its messages 0, 1, 2, … and a
 //! message is stamped with the wall clock when it is handed to the network. When a send is known
 //! to have failed, its sequence numbers are reused, so subscribers do not count as lost what was
 //! never published.
@@ -36,10 +37,12 @@ pub struct Published {
     /// Messages published per channel: acknowledged by the server (Redis reply, 201, ack), or
     /// for fire-and-forget WebSocket publishes, sent.
     pub per_channel: Vec<u64>,
-    /// Sequence numbers used per channel: what each subscriber of the channel should receive.
-    /// More than `per_channel` when a message's fate is unknown (a timeout with
-    /// --idempotency, an error frame to a pipelined publish): if it never arrives, it is lost.
-    pub numbered: Vec<u64>,
+    /// Sequence numbers used per channel and writer (`numbered[ch][k]`, k the writer within the
+    /// channel; one writer per channel except in http mode with more writers than channels):
+    /// what each subscriber of the channel should receive from each writer. More than
+    /// `per_channel` when a message's fate is unknown (a timeout with --idempotency, an error
+    /// frame to a pipelined publish): if it never arrives, it is lost.
+    pub numbered: Vec<Vec<u64>>,
     pub errors: u64,
     /// Failures grouped by description.
     pub error_kinds: BTreeMap<String, u64>,
@@ -64,7 +67,7 @@ impl Published {
     pub fn new(channels: usize) -> Self {
         Self {
             per_channel: vec![0; channels],
-            numbered: vec![0; channels],
+            numbered: vec![vec![0]; channels],
             errors: 0,
             error_kinds: BTreeMap::new(),
             no_receivers: 0,
@@ -81,6 +84,11 @@ impl Published {
         self.per_channel.iter().sum()
     }
 
+    /// Sequence numbers used on `ch` by all its writers.
+    pub fn numbered_on(&self, ch: usize) -> u64 {
+        self.numbered[ch].iter().sum()
+    }
+
     pub fn fail(&mut self, count: u64, kind: String) {
         self.errors += count;
         *self.error_kinds.entry(kind).or_default() += count;
@@ -90,6 +98,11 @@ impl Published {
     pub fn record_latency(&mut self, took: Duration) {
         self.latency.saturating_record(took.as_micros() as u64);
     }
+}
+
+/// `numbered` of a mode with one writer per channel, from each channel's count.
+pub fn one_writer_each(counts: &[u64]) -> Vec<Vec<u64>> {
+    counts.iter().map(|&n| vec![n]).collect()
 }
 
 /// When each message is due.
@@ -142,7 +155,7 @@ impl Sequencer {
         Self {
             next: vec![0; channels],
             turn: 0,
-            pad: padding(payload_bytes),
+            pad: padding(payload_bytes, None),
         }
     }
 
@@ -158,7 +171,7 @@ impl Sequencer {
     pub fn stamp(&mut self, ch: usize, out: &mut String) -> u64 {
         let seq = self.next[ch];
         self.next[ch] += 1;
-        write_stamp(out, seq, now_micros(), &self.pad);
+        write_stamp(out, seq, None, now_micros(), &self.pad);
         seq
     }
 }
@@ -246,7 +259,7 @@ async fn redis(
     }
     out.elapsed = started.elapsed();
     out.committed = out.total();
-    out.numbered.clone_from(&out.per_channel);
+    out.numbered = one_writer_each(&out.per_channel);
     Ok(())
 }
 
@@ -337,6 +350,6 @@ async fn ws(
     }
     // A publish without an error frame was committed (the pong came after all of them).
     out.committed = out.total().saturating_sub(refused);
-    out.numbered.clone_from(&out.per_channel);
+    out.numbered = one_writer_each(&out.per_channel);
     Ok(())
 }

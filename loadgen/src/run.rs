@@ -80,6 +80,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
                 i,
                 ch,
                 Arc::clone(&names[ch]),
+                args.writers_on(ch),
             ))
         })
         .collect();
@@ -147,7 +148,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     // Numbered, not acknowledged: a message whose fate is unknown is expected, and lost if it
     // never comes.
     let expected_live: u64 = (0..args.channels)
-        .map(|ch| published.numbered[ch] * subscribed[ch])
+        .map(|ch| published.numbered_on(ch) * subscribed[ch])
         .sum();
     let drain_started = Instant::now();
     while drain_started.elapsed() < args.drain && shared.shards.delivered() < expected_live {
@@ -170,12 +171,11 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         let Ok(Some(conn)) = task.await else {
             continue;
         };
-        let published_here = published.numbered[conn.channel];
-        d.expected += published_here;
-        d.delivered += conn.seq.delivered;
-        d.lost += conn.seq.lost(published_here);
-        d.duplicated += conn.seq.duplicated;
-        d.out_of_order += conn.seq.out_of_order;
+        d.expected += published.numbered_on(conn.channel);
+        d.delivered += conn.seq.delivered();
+        d.lost += conn.seq.lost(&published.numbered[conn.channel]);
+        d.duplicated += conn.seq.duplicated();
+        d.out_of_order += conn.seq.out_of_order();
         d.error_frames += conn.error_frames;
         d.foreign_frames += conn.foreign;
         let end = match conn.end {

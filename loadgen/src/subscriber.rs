@@ -1,5 +1,6 @@
 //! One subscriber connection: connect to `/ws?channels=<ch>`, wait for `subscribed`, then read
-//! message frames until told to stop, tracking sequence and latency.
+//! message frames until told to stop, tracking sequence (per writer of the channel), relay's
+//! ids and latency.
 //!
 //! The read loop is the generator's hot path (one iteration per delivery, 10,000s per second on
 //! a machine shared with the server): it parses a borrowed [`InFrame`], takes the wall clock
@@ -19,7 +20,7 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    stats::{InFrame, SeqTracker, Shards},
+    stats::{ConnSeq, InFrame, Shards},
     sys::now_micros,
 };
 
@@ -53,7 +54,7 @@ pub enum End {
 #[derive(Debug)]
 pub struct ConnResult {
     pub channel: usize,
-    pub seq: SeqTracker,
+    pub seq: ConnSeq,
     pub end: End,
     /// `error` frames received.
     pub error_frames: u64,
@@ -82,13 +83,14 @@ pub fn client_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-/// Run connection `index` on `channel`; `None` if it never got subscribed (already reported
-/// through `shared.connected`).
+/// Run connection `index` on `channel`, which has `writers` writers; `None` if it never got
+/// subscribed (already reported through `shared.connected`).
 pub async fn run(
     shared: Arc<Shared>,
     index: usize,
     channel: usize,
     channel_name: Arc<str>,
+    writers: usize,
 ) -> Option<ConnResult> {
     let (attempt, took) = {
         // The gate bounds connections in the handshake, not connections held open.
@@ -119,7 +121,7 @@ pub async fn run(
 
     let mut result = ConnResult {
         channel,
-        seq: SeqTracker::default(),
+        seq: ConnSeq::new(writers),
         end: End::Stopped,
         error_frames: 0,
         foreign: 0,
@@ -153,19 +155,22 @@ fn on_text(shared: &Shared, index: usize, result: &mut ConnResult, text: &str) {
     match serde_json::from_str::<InFrame>(text) {
         Ok(InFrame {
             ty: "message",
-            data: Some(stamp),
+            data,
+            id,
             ..
-        }) => {
-            if result.seq.on_seq(stamp.s) {
+        }) => match (result.seq.on_message(id, data.as_ref()), data) {
+            (Some(true), Some(stamp)) => {
                 let now = now_micros();
                 let mut shard = shared.shards.lock(index);
                 shard.latency.saturating_record(now.saturating_sub(stamp.t));
                 shard.delivered += 1;
                 shard.last_delivery_us = shard.last_delivery_us.max(now);
             }
-        }
+            (Some(_), _) => {}
+            (None, _) => result.foreign += 1,
+        },
         Ok(InFrame { ty: "error", .. }) => result.error_frames += 1,
-        Ok(InFrame { ty: "message", .. }) | Err(_) => result.foreign += 1,
+        Err(_) => result.foreign += 1,
         // subscribed, unsubscribed, pong
         Ok(_) => {}
     }
