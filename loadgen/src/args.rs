@@ -61,9 +61,12 @@ pub struct Args {
     #[arg(long)]
     pub batch_size: Option<usize>,
 
-    /// --publish-via batch: requests in flight at once (default 4, at most --channels). Request
-    /// slot k owns the channels i with i mod N = k, so no two requests in flight share a channel
-    /// and each channel's messages commit in the order they were numbered.
+    /// Requests in flight at once. --publish-via http: N writers (default and at least
+    /// --channels) with one request in flight each; writer w publishes on channel w mod K and
+    /// numbers its own messages, so requests to one channel may commit in either order while
+    /// subscribers check each writer's order. --publish-via batch: N request slots (default 4, at
+    /// most --channels); slot k owns the channels i with i mod N = k, so no two requests in
+    /// flight share a channel and each channel's messages commit in the order they were numbered.
     #[arg(long)]
     pub http_concurrency: Option<usize>,
 
@@ -73,8 +76,10 @@ pub struct Args {
     pub pipeline: Option<usize>,
 
     /// Give every publish (http, batch, ws with --pipeline) the idempotency key
-    /// `<run-id>-<channel>-<seq>` and retry it with the same key after a network error, a
-    /// timeout or a 5xx (ws: after a lost connection, resending every unacknowledged publish).
+    /// `<run-id>-<channel>-<seq>` (http with more writers than channels:
+    /// `<run-id>-<channel>-w<writer>-<seq>`) and retry it with the same key after a network
+    /// error, a timeout or a 5xx (ws: after a lost connection, resending every unacknowledged
+    /// publish).
     #[arg(long)]
     pub idempotency: bool,
 
@@ -140,7 +145,8 @@ pub struct Args {
 pub enum Via {
     /// PUBLISH the envelope `{"data":…}` straight to Redis (no Postgres, `id` null).
     Redis,
-    /// `POST /api/v1/channels/{ch}/messages`, one request in flight per channel.
+    /// `POST /api/v1/channels/{ch}/messages`, --http-concurrency writers with one request in
+    /// flight each (default one writer per channel).
     Http,
     /// `{"type":"publish",…}` frames on one dedicated publisher WebSocket.
     Ws,
@@ -171,7 +177,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Default of --batch-size.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
 
-/// Default of --http-concurrency (capped at --channels).
+/// Default of --http-concurrency in batch mode (capped at --channels; http mode's default is
+/// --channels).
 pub const DEFAULT_HTTP_CONCURRENCY: usize = 4;
 
 /// Largest --pipeline (the window is one semaphore permit per publish in flight).
@@ -186,15 +193,28 @@ impl Args {
         self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)
     }
 
-    /// Batch requests in flight at once (= channel shards).
+    /// HTTP requests in flight at once: http mode's writers (default one per channel), batch
+    /// mode's slots (= channel shards).
     pub fn http_concurrency(&self) -> usize {
-        self.http_concurrency
-            .unwrap_or(DEFAULT_HTTP_CONCURRENCY.min(self.channels))
+        match self.publish_via {
+            Via::Http => self.http_concurrency.unwrap_or(self.channels),
+            _ => self
+                .http_concurrency
+                .unwrap_or(DEFAULT_HTTP_CONCURRENCY.min(self.channels)),
+        }
     }
 
-    /// Writers publishing on channel `ch`, each numbering its own messages.
-    pub fn writers_on(&self, _ch: usize) -> usize {
-        1
+    /// Writers publishing on channel `ch`, each numbering its own messages: in http mode the
+    /// writers w < --http-concurrency with w mod --channels = ch, otherwise one.
+    pub fn writers_on(&self, ch: usize) -> usize {
+        if self.publish_via != Via::Http {
+            return 1;
+        }
+        // Writers ch, ch + K, ch + 2K, …; at least one per channel by validation.
+        self.http_concurrency()
+            .saturating_sub(ch)
+            .div_ceil(self.channels.max(1))
+            .max(1)
     }
 
     /// Tries per request: 1 without --idempotency (a retry without a key could duplicate).
@@ -267,21 +287,23 @@ impl Args {
             }
         }
         if let Some(n) = self.http_concurrency {
-            if via != Via::Batch {
-                // http mode is bounded by one request per channel; more would reorder.
-                return Err(
-                    "--http-concurrency needs --publish-via batch (http mode keeps one \
-                            request in flight per channel: add channels for more)"
-                        .into(),
-                );
+            if !matches!(via, Via::Http | Via::Batch) {
+                return Err("--http-concurrency needs --publish-via http or batch".into());
             }
             if n == 0 {
                 return Err("--http-concurrency must be at least 1".into());
             }
-            if n > self.channels {
+            if via == Via::Batch && n > self.channels {
                 return Err(format!(
                     "--http-concurrency {n} is more than --channels {}: each request in flight \
                      owns its own channels",
+                    self.channels
+                ));
+            }
+            if via == Via::Http && n < self.channels {
+                return Err(format!(
+                    "--http-concurrency {n} is less than --channels {}: in http mode writer w \
+                     publishes on channel w mod --channels, so every channel needs one",
                     self.channels
                 ));
             }
@@ -432,9 +454,58 @@ mod tests {
                 "2",
             ],
             &["--publish-via", "http", "--request-timeout", "250ms"],
+            &[
+                "--publish-via",
+                "http",
+                "--channels",
+                "4",
+                "--http-concurrency",
+                "4",
+            ],
         ] {
             assert_eq!(refusal(ok), None, "{ok:?}");
         }
+    }
+
+    #[test]
+    fn http_writers_default_to_one_per_channel_and_cycle_over_them() {
+        let args = parse(&["--publish-via", "http", "--channels", "50"]);
+        assert_eq!(args.validate(), Ok(()));
+        assert_eq!(
+            args.http_concurrency(),
+            50,
+            "one writer per channel, as before"
+        );
+        assert!((0..50).all(|ch| args.writers_on(ch) == 1));
+
+        // Writer w on channel w mod 3: channel 0 gets 0, 3, 6, 9; 1 gets 1, 4, 7; 2 gets 2, 5, 8.
+        let args = parse(&[
+            "--publish-via",
+            "http",
+            "--channels",
+            "3",
+            "--http-concurrency",
+            "10",
+        ]);
+        assert_eq!(args.validate(), Ok(()));
+        assert_eq!(args.http_concurrency(), 10);
+        let writers: Vec<usize> = (0..3).map(|ch| args.writers_on(ch)).collect();
+        assert_eq!(writers, [4, 3, 3]);
+        for ch in 0..3 {
+            let owned = (0..10).filter(|w| w % 3 == ch).count();
+            assert_eq!(args.writers_on(ch), owned, "channel {ch}");
+        }
+
+        // Other modes: one writer per channel whatever the flag means there.
+        let args = parse(&[
+            "--publish-via",
+            "batch",
+            "--channels",
+            "6",
+            "--http-concurrency",
+            "2",
+        ]);
+        assert_eq!((args.http_concurrency(), args.writers_on(0)), (2, 1));
     }
 
     #[test]
@@ -464,8 +535,27 @@ mod tests {
                 "more than --channels 4",
             ),
             (
-                &["--publish-via", "http", "--http-concurrency", "4"],
-                "--http-concurrency needs --publish-via batch",
+                &["--http-concurrency", "4"],
+                "--http-concurrency needs --publish-via http or batch",
+            ),
+            (
+                &["--publish-via", "ws", "--http-concurrency", "4"],
+                "--http-concurrency needs --publish-via http or batch",
+            ),
+            (
+                &["--publish-via", "http", "--http-concurrency", "0"],
+                "--http-concurrency must be at least 1",
+            ),
+            (
+                &[
+                    "--publish-via",
+                    "http",
+                    "--channels",
+                    "4",
+                    "--http-concurrency",
+                    "3",
+                ],
+                "less than --channels 4",
             ),
             (
                 &["--publish-via", "ws", "--pipeline", "0"],

@@ -90,7 +90,7 @@ pub fn write_body(
         write_stamp(out, seq, None, t_us, pad);
         if let Some(run_id) = run_id {
             out.push_str(r#","idempotency_key":""#);
-            write_key(out, run_id, &names[ch], seq);
+            write_key(out, run_id, &names[ch], None, seq);
             out.push('"');
         }
         out.push('}');

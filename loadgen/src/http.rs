@@ -1,12 +1,15 @@
 //! The HTTP side of the publisher, shared by `--publish-via http` and `batch`: one reqwest client
 //! whose keep-alive connections are reused, one POST attempt turned into an [`Answer`] or a
-//! [`Failure`], and the http mode itself (one task per channel).
+//! [`Failure`], and the http mode itself (one task per writer).
 //!
-//! http mode keeps exactly one request in flight per channel: concurrent POSTs to one channel
-//! could commit in another order than they were numbered, which would show up as "out of order"
-//! although relay delivers in commit order exactly as documented. Its ceiling is therefore
-//! `channels / request latency` (50 channels at 2 ms = 25,000 msg/s); the client's own cost is
-//! about 14 µs of CPU per request (see `client_ceiling` below and docs/loadgen.md).
+//! http mode runs --http-concurrency *writers* (default: one per channel), each with exactly one
+//! request in flight; writer w publishes on channel `w mod channels`. Concurrent POSTs to one
+//! channel may commit in either order, so order is defined per writer only: each numbers its own
+//! messages, and with more writers than channels the stamp names the writer within its channel
+//! (`"w"`, and the idempotency key too) so that subscribers check each writer's sequence on its
+//! own. The ceiling is `writers / request latency` (50 channels with 100 writers at 4 ms =
+//! 25,000 msg/s), just `channels / request latency` by default; the client's own cost is about
+//! 14 µs of CPU per request (see `client_ceiling` in mock.rs and docs/loadgen.md).
 
 use std::{
     collections::BTreeMap,
@@ -186,7 +189,7 @@ fn body_says_replayed(body: &[u8]) -> bool {
     serde_json::from_slice::<One>(body).is_ok_and(|b| b.replayed)
 }
 
-/// Publish `total` messages with one POST per message, one in flight per channel.
+/// Publish `total` messages with one POST per message, one in flight per writer.
 pub async fn run(
     args: &Args,
     channels: &[String],
@@ -195,18 +198,26 @@ pub async fn run(
 ) -> Result<(), String> {
     let ctx = Arc::new(HttpCtx::new(args)?);
     let base = args.http_base();
-    let pad = padding(args.payload_bytes, None);
+    let urls = channels
+        .iter()
+        .map(|name| HttpCtx::url(&base, &format!("/api/v1/channels/{name}/messages")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let writers = args.http_concurrency();
+    // With one writer per channel the stamps and keys stay exactly as they always were.
+    let named = writers > channels.len();
     let mut ticks = Vec::new();
     let mut tasks = Vec::new();
-    for name in channels {
+    for w in 0..writers {
+        let ch = w % channels.len();
+        let writer = named.then_some(w / channels.len());
         let (tx, rx) = mpsc::unbounded_channel::<()>();
         ticks.push(tx);
-        let url = HttpCtx::url(&base, &format!("/api/v1/channels/{name}/messages"))?;
-        tasks.push(tokio::spawn(post_channel(
+        tasks.push(tokio::spawn(post_writer(
             Arc::clone(&ctx),
-            name.clone(),
-            url,
-            pad.clone(),
+            channels[ch].clone(),
+            writer,
+            urls[ch].clone(),
+            padding(args.payload_bytes, writer),
             rx,
         )));
     }
@@ -215,18 +226,21 @@ pub async fn run(
     let mut turn = 0;
     while let Some(n) = schedule.next_burst().await {
         for _ in 0..n {
-            // A channel task only ends when its sender is dropped.
+            // A writer task only ends when its sender is dropped.
             let _ = ticks[turn].send(());
             turn = (turn + 1) % ticks.len();
         }
     }
     drop(ticks);
-    for (ch, task) in tasks.into_iter().enumerate() {
+    // Writers in order of w, so each channel's come in order of k: numbered[ch][k] by pushing.
+    out.numbered = vec![Vec::new(); channels.len()];
+    for (w, task) in tasks.into_iter().enumerate() {
         let done = task
             .await
             .map_err(|e| format!("publisher task failed: {e}"))?;
-        out.per_channel[ch] = done.published;
-        out.numbered[ch] = vec![done.numbered];
+        let ch = w % channels.len();
+        out.per_channel[ch] += done.published;
+        out.numbered[ch].push(done.numbered);
         out.requests += done.published;
         out.retries += done.retries;
         out.replays += done.replays;
@@ -240,8 +254,8 @@ pub async fn run(
     Ok(())
 }
 
-/// What one channel's task achieved.
-struct ChannelPublished {
+/// What one writer's task achieved.
+struct WriterPublished {
     published: u64,
     numbered: u64,
     retries: u64,
@@ -249,14 +263,17 @@ struct ChannelPublished {
     errors: BTreeMap<String, u64>,
 }
 
-async fn post_channel(
+/// One writer: publish a message on `channel` per tick, numbered 0, 1, 2, …, with one request in
+/// flight; `writer` (its index within the channel) goes into the stamps and keys if `Some`.
+async fn post_writer(
     ctx: Arc<HttpCtx>,
-    name: String,
+    channel: String,
+    writer: Option<usize>,
     url: reqwest::Url,
     pad: String,
     mut ticks: mpsc::UnboundedReceiver<()>,
-) -> ChannelPublished {
-    let mut done = ChannelPublished {
+) -> WriterPublished {
+    let mut done = WriterPublished {
         published: 0,
         numbered: 0,
         retries: 0,
@@ -269,14 +286,14 @@ async fn post_channel(
         let seq = done.numbered;
         text.clear();
         text.push_str(r#"{"data":"#);
-        write_stamp(&mut text, seq, None, now_micros(), &pad);
+        write_stamp(&mut text, seq, writer, now_micros(), &pad);
         text.push('}');
         // Every attempt sends these very bytes: a retry with the same key must carry the same
         // body, or relay refuses it as `idempotency_key_reused`.
         let body = Bytes::copy_from_slice(text.as_bytes());
         key.clear();
         if let Some(run_id) = &ctx.run_id {
-            write_key(&mut key, run_id, &name, seq);
+            write_key(&mut key, run_id, &channel, writer, seq);
         }
         let key = ctx.run_id.as_ref().map(|_| key.as_str());
         let started = Instant::now();

@@ -1,8 +1,9 @@
 //! Tests of the publish paths against a fake relay that speaks the issue-15 contract (single and
 //! batch HTTP publishes, pipelined WebSocket publishes with `ref`/`ack`, idempotency keys) and
 //! misbehaves on purpose: refusals with 503, answers lost after the commit, random commit delays,
-//! a dropped connection. It records what it committed per channel, so the tests check what
-//! subscribers would: every channel's sequence numbers committed once each, in order.
+//! a dropped connection. It records what it committed per channel and writer (the stamp's `w`),
+//! so the tests check what subscribers would: every writer's sequence numbers committed once
+//! each, in order.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -47,8 +48,9 @@ struct Faults {
 
 #[derive(Default)]
 struct Store {
-    /// Per channel, the `s` of each committed message in commit order.
-    committed: HashMap<String, Vec<u64>>,
+    /// Per channel and writer (`w`, absent = 0), the `s` of each committed message in commit
+    /// order.
+    committed: HashMap<(String, u64), Vec<u64>>,
     keys: HashSet<String>,
     replays: u64,
 }
@@ -56,7 +58,27 @@ struct Store {
 struct Fake {
     faults: Faults,
     requests: AtomicU64,
+    /// Requests between arrival and commit right now, and the most there ever were.
+    committing: AtomicU64,
+    most_committing: AtomicU64,
     store: Mutex<Store>,
+}
+
+/// Counts a request in [`Fake::committing`] while it lives (also if its future is dropped).
+struct Committing<'a>(&'a Fake);
+
+impl<'a> Committing<'a> {
+    fn new(fake: &'a Fake) -> Self {
+        let now = fake.committing.fetch_add(1, Ordering::Relaxed) + 1;
+        fake.most_committing.fetch_max(now, Ordering::Relaxed);
+        Self(fake)
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0.committing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Fake {
@@ -89,20 +111,37 @@ impl Fake {
                 }
             }
             let s = data["s"].as_u64().unwrap_or(u64::MAX);
-            store.committed.entry(channel.clone()).or_default().push(s);
+            let w = data["w"].as_u64().unwrap_or(0);
+            store
+                .committed
+                .entry((channel.clone(), w))
+                .or_default()
+                .push(s);
             replayed.push(false);
         }
         replayed
     }
 
-    /// Every channel committed 0..n in order: n per channel.
-    fn committed_in_order(&self) -> HashMap<String, u64> {
+    /// Every writer of every channel committed 0..n in order: n per (channel, writer).
+    fn committed_in_order_per_writer(&self) -> HashMap<(String, u64), u64> {
         let store = self.store();
         let mut out = HashMap::new();
-        for (channel, seqs) in &store.committed {
+        for ((channel, w), seqs) in &store.committed {
             let expected: Vec<u64> = (0..seqs.len() as u64).collect();
-            assert_eq!(seqs, &expected, "{channel} committed out of order or twice");
-            out.insert(channel.clone(), seqs.len() as u64);
+            assert_eq!(
+                seqs, &expected,
+                "{channel} writer {w} committed out of order or twice"
+            );
+            out.insert((channel.clone(), *w), seqs.len() as u64);
+        }
+        out
+    }
+
+    /// As [`Self::committed_in_order_per_writer`], summed per channel.
+    fn committed_in_order(&self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        for ((channel, _), n) in self.committed_in_order_per_writer() {
+            *out.entry(channel).or_default() += n;
         }
         out
     }
@@ -149,8 +188,10 @@ async fn single(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(|k| format!("{channel}/{k}"));
+    let committing = Committing::new(&fake);
     fake.jitter().await;
     let replayed = fake.commit(&[(channel.clone(), body["data"].clone(), key)])[0];
+    drop(committing);
     lose_answer(&fake, n).await;
     let mut answer = json!({"channel": channel, "id": 1, "created_at": "2025-01-01T00:00:00Z"});
     if replayed {
@@ -317,6 +358,8 @@ fn fake(faults: Faults) -> Arc<Fake> {
     Arc::new(Fake {
         faults,
         requests: AtomicU64::new(0),
+        committing: AtomicU64::new(0),
+        most_committing: AtomicU64::new(0),
         store: Mutex::new(Store::default()),
     })
 }
@@ -357,6 +400,42 @@ async fn http_idempotent_retries_commit_every_message_once_in_order() {
     assert_eq!(p.latency.len(), 300);
     // A retry after a timeout counts from the first attempt.
     assert!(p.latency.max() >= 300_000, "max {} µs", p.latency.max());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_writers_share_channels_and_each_commits_once_in_order() {
+    let fake = fake(Faults {
+        refuse_every: 13,
+        lose_answer_every: 37,
+        jitter_us: 2_000,
+        ..Faults::default()
+    });
+    let addr = serve_http(Arc::clone(&fake)).await;
+    // Three writers per channel, whose requests race at the fake.
+    let args = args(
+        addr,
+        "--publish-via http --channels 3 --http-concurrency 9 --messages 900 --rate 20000 --idempotency --request-timeout 300ms",
+    );
+    let p = publish(&args).await;
+    let committed = fake.committed_in_order_per_writer();
+    assert_eq!(p.errors, 0, "{:?}", p.error_kinds);
+    assert_eq!((p.total(), p.committed, p.requests), (900, 900, 900));
+    let mut numbered = HashMap::new();
+    for (ch, name) in args.channel_names().into_iter().enumerate() {
+        assert_eq!(p.numbered[ch].len(), args.writers_on(ch), "{name}");
+        assert_eq!(p.numbered[ch].len(), 3, "{name}");
+        assert_eq!(p.numbered_on(ch), p.per_channel[ch], "{name}");
+        for (k, &n) in p.numbered[ch].iter().enumerate() {
+            numbered.insert((name.clone(), k as u64), n);
+        }
+    }
+    // Round robin over 9 writers: 100 messages each, all committed once and in order.
+    assert!(numbered.values().all(|&n| n == 100), "{numbered:?}");
+    assert_eq!(numbered, committed);
+    assert!(p.replays > 0 && p.retries > p.replays, "{p:?}");
+    // More requests were being committed at once than there are channels.
+    let most = fake.most_committing.load(Ordering::Relaxed);
+    assert!(most > 3, "at most {most} requests at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,7 +514,7 @@ async fn pipelined_ws_matches_acks_counts_errors_and_resends_after_a_drop() {
     let p = publish(&args).await;
     let store = fake.store();
     let mut committed_total = 0;
-    for (channel, seqs) in &store.committed {
+    for ((channel, _), seqs) in &store.committed {
         // Refused publishes leave holes, but nothing twice and nothing backwards.
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{channel}: {seqs:?}");
         committed_total += seqs.len() as u64;

@@ -211,7 +211,7 @@ pub async fn run(
             let s = seq.stamp(ch, &mut data);
             key.clear();
             if let Some(run_id) = &w.run_id {
-                write_key(&mut key, run_id, &channels[ch], s);
+                write_key(&mut key, run_id, &channels[ch], None, s);
             }
             frame.clear();
             let key = w.run_id.as_ref().map(|_| key.as_str());

@@ -48,7 +48,7 @@ pub struct Report {
 pub struct PublishStats {
     /// --batch-size (batch mode).
     pub batch_size: Option<usize>,
-    /// Requests in flight at once (batch mode: --http-concurrency).
+    /// Requests in flight at once: --http-concurrency (batch mode; http mode when given).
     pub http_concurrency: Option<usize>,
     /// --pipeline (ws mode).
     pub pipeline: Option<usize>,

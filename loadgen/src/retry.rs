@@ -20,11 +20,16 @@ pub fn new_run_id() -> String {
     format!("{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff)
 }
 
-/// Append `<run-id>-<channel>-<seq>` to `out` (channel names are visible ASCII by validation, so
-/// the key is 1–255 visible ASCII as relay requires).
-pub fn write_key(out: &mut String, run_id: &str, channel: &str, seq: u64) {
+/// Append `<run-id>-<channel>-<seq>` to `out`, or `<run-id>-<channel>-w<writer>-<seq>` for one
+/// of several writers of the channel (each numbers from 0, so the writer keeps keys unique).
+/// Channel names are visible ASCII of at most 128 bytes by validation, so the key is 1–255
+/// visible ASCII as relay requires.
+pub fn write_key(out: &mut String, run_id: &str, channel: &str, writer: Option<usize>, seq: u64) {
     // Writing to a String cannot fail.
-    let _ = write!(out, "{run_id}-{channel}-{seq}");
+    let _ = match writer {
+        Some(w) => write!(out, "{run_id}-{channel}-w{w}-{seq}"),
+        None => write!(out, "{run_id}-{channel}-{seq}"),
+    };
 }
 
 /// Why one attempt did not commit (as far as the client can tell).
@@ -136,14 +141,17 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_run_channel_seq() {
+    fn keys_are_run_channel_writer_seq() {
         let run = new_run_id();
         assert_eq!(run.len(), 12);
         assert!(run.chars().all(|c| c.is_ascii_hexdigit()), "{run}");
         assert_ne!(run, new_run_id(), "two runs get different ids");
         let mut key = String::new();
-        write_key(&mut key, "00ab", "lg-7", 42);
+        write_key(&mut key, "00ab", "lg-7", None, 42);
         assert_eq!(key, "00ab-lg-7-42");
+        key.clear();
+        write_key(&mut key, "00ab", "lg-7", Some(3), 42);
+        assert_eq!(key, "00ab-lg-7-w3-42");
     }
 
     #[test]

@@ -23,7 +23,8 @@ const SHARDS_PER_THREAD: usize = 16;
 /// How often the drain checks whether everything arrived.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Descriptors beyond one per connection: the runtime, Redis, HTTP, stdio.
+/// Descriptors beyond one per subscriber and HTTP publishing connection: the runtime, Redis,
+/// the ws publisher, stdio.
 const SPARE_FDS: u64 = 64;
 
 /// TIME_WAIT sockets to the server's port beyond which the connect figure is suspect.
@@ -49,7 +50,12 @@ fn warn_of_time_wait(args: &Args) {
 }
 
 pub async fn run(args: &Args) -> Result<Report, String> {
-    raise_fd_limit(args.connections as u64 + SPARE_FDS)?;
+    // HTTP publishing keeps one keep-alive connection per request in flight.
+    let publish_sockets = match args.publish_via {
+        Via::Http | Via::Batch => args.http_concurrency() as u64,
+        Via::Redis | Via::Ws => 0,
+    };
+    raise_fd_limit(args.connections as u64 + publish_sockets + SPARE_FDS)?;
     warn_of_time_wait(args);
     let channels = args.channel_names();
     let ws_base = args.ws_base()?;
@@ -216,7 +222,12 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         publish_rate: per(published_total as f64, publish_seconds),
         publish: PublishStats {
             batch_size: (args.publish_via == Via::Batch).then(|| args.batch_size()),
-            http_concurrency: (args.publish_via == Via::Batch).then(|| args.http_concurrency()),
+            http_concurrency: match args.publish_via {
+                Via::Batch => Some(args.http_concurrency()),
+                // Only when given: the default run reports what it always did.
+                Via::Http => args.http_concurrency,
+                Via::Redis | Via::Ws => None,
+            },
             pipeline: args.pipeline,
             idempotency: args.idempotency,
             committed: published.committed,
