@@ -21,114 +21,137 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    extract::{ConnectInfo, MatchedPath, Request, State},
+    extract::{ConnectInfo, MatchedPath, Request},
     http::{StatusCode, header},
-    middleware::Next,
     response::Response,
 };
 use http_body::{Frame, SizeHint};
 
 use crate::{
     access_log::{AccessContext, AccessLog, EntryKind, RequestInfo, SessionStats, redact_path},
-    http::middleware::{RequestId, client_ip},
+    http::{
+        around::{After, Around},
+        middleware::{RequestId, client_ip},
+    },
     state::AppState,
     telemetry::otel,
 };
 
-pub async fn record_http(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let log = state.access_log.clone();
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let headers = req.headers();
-    let trace_id = otel::ids(&tracing::Span::current())
-        .map(|(trace, _)| trace)
-        .or_else(|| {
-            headers
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::telemetry::trace_id_of)
-                .map(str::to_owned)
-        });
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|id| id.0.to_string());
-    let path = redact_path(req.uri().path(), req.uri().query());
-    let client_ip = client_ip(peer, headers, &log.trusted_proxies).map(|ip| ip.to_string());
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(|ua| match ua.char_indices().nth(512) {
-            Some((cut, _)) => &ua[..cut],
-            None => ua,
-        });
-    let context = AccessContext::new(
-        RequestInfo {
-            request_id: request_id.as_deref().unwrap_or_default(),
-            trace_id: trace_id.as_deref(),
-            method: req.method().as_str(),
-            route: req
-                .extensions()
-                .get::<MatchedPath>()
-                .map(MatchedPath::as_str),
-            path: &path,
-            client_ip: client_ip.as_deref(),
-            user_agent,
-        },
-        started,
-    );
-    req.extensions_mut().insert(context.clone());
+/// The access-log layer ([`super::around`]): one entry per request, written when its response
+/// body is done, and the request metrics.
+#[derive(Clone)]
+pub struct RecordHttp(pub AppState);
 
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let req = req.map(|body| Body::new(Counting::new(body, Arc::clone(&bytes_in), None)));
-    let res = next.run(req).await;
-
-    let status = res.status();
-    let route = context.route().unwrap_or("<unmatched>").to_owned();
-    let method = context.method().to_owned();
-    metrics::counter!(
-        "relay_http_requests_total",
-        "method" => method.clone(),
-        "route" => route.clone(),
-        "status" => status.as_str().to_owned()
-    )
-    .increment(1);
-    metrics::histogram!("relay_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
-
-    // A WebSocket session writes its own entry when it ends.
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        return res;
-    }
-    let is_sse = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let pending = PendingEntry {
-        log,
-        context,
-        status: status.as_u16(),
-        kind: if is_sse {
-            EntryKind::Sse
-        } else {
-            EntryKind::Http
-        },
-        bytes_in,
-        bytes_out: Arc::new(AtomicU64::new(0)),
-        frames_out: 0,
-    };
-    res.map(|body| {
-        let bytes_out = Arc::clone(&pending.bytes_out);
-        Body::new(Counting::new(body, bytes_out, Some(pending)))
-    })
+/// What [`RecordHttp`] keeps between a request and its response.
+pub struct Recording {
+    started: Instant,
+    context: AccessContext,
+    bytes_in: Arc<AtomicU64>,
 }
 
-/// An entry waiting for its response body to finish; written on drop, which happens when the
-/// body is complete or the client went away.
+impl Around for RecordHttp {
+    type Carry = Recording;
+
+    fn before(&self, req: &mut Request) -> Result<Recording, Response> {
+        let started = Instant::now();
+        let log = &self.0.access_log;
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let headers = req.headers();
+        let trace_id = otel::ids(&tracing::Span::current())
+            .map(|(trace, _)| trace)
+            .or_else(|| {
+                headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::telemetry::trace_id_of)
+                    .map(str::to_owned)
+            });
+        let request_id = req.extensions().get::<RequestId>().map(|id| &*id.0);
+        let path = redact_path(req.uri().path(), req.uri().query());
+        let client_ip = client_ip(peer, headers, &log.trusted_proxies).map(|ip| ip.to_string());
+        let user_agent = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|ua| match ua.char_indices().nth(512) {
+                Some((cut, _)) => &ua[..cut],
+                None => ua,
+            });
+        let context = AccessContext::new(
+            RequestInfo {
+                request_id: request_id.unwrap_or_default(),
+                trace_id: trace_id.as_deref(),
+                method: req.method().as_str(),
+                route: req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(MatchedPath::as_str),
+                path: &path,
+                client_ip: client_ip.as_deref(),
+                user_agent,
+            },
+            started,
+        );
+        req.extensions_mut().insert(context.clone());
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let body = std::mem::replace(req.body_mut(), Body::empty());
+        *req.body_mut() = Body::new(Counting::new(body, Arc::clone(&bytes_in), None));
+        Ok(Recording {
+            started,
+            context,
+            bytes_in,
+        })
+    }
+
+    fn after(&self, recording: Recording, res: Response) -> After {
+        let Recording {
+            started,
+            context,
+            bytes_in,
+        } = recording;
+        let status = res.status();
+        let route = context.route().unwrap_or("<unmatched>").to_owned();
+        let method = context.method().to_owned();
+        metrics::counter!(
+            "relay_http_requests_total",
+            "method" => method.clone(),
+            "route" => route.clone(),
+            "status" => status.as_str().to_owned()
+        )
+        .increment(1);
+        metrics::histogram!("relay_http_request_duration_seconds", "method" => method, "route" => route)
+            .record(started.elapsed().as_secs_f64());
+
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return After::Ready(res);
+        }
+        let is_sse = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        let pending = PendingEntry {
+            log: self.0.access_log.clone(),
+            context,
+            status: status.as_u16(),
+            kind: if is_sse {
+                EntryKind::Sse
+            } else {
+                EntryKind::Http
+            },
+            bytes_in,
+            bytes_out: Arc::new(AtomicU64::new(0)),
+            frames_out: 0,
+        };
+        After::Ready(res.map(|body| {
+            let bytes_out = Arc::clone(&pending.bytes_out);
+            Body::new(Counting::new(body, bytes_out, Some(pending)))
+        }))
+    }
+}
+
 struct PendingEntry {
     log: AccessLog,
     context: AccessContext,

@@ -2,7 +2,7 @@
 //!
 //! Every failure a client can see — handler errors, axum rejections, 404/405, body limits,
 //! timeouts, panics — leaves as `{"error":{"code":"…","message":"…","request_id":"…"}}`. Handlers
-//! return [`ApiError`] and use `?`; the [`json_errors`] layer rewrites the few responses
+//! return [`ApiError`] and use `?`; the [`JsonErrors`] layer rewrites the few responses
 //! produced outside handlers (router fallbacks, tower-http layers) into the same shape, and
 //! [`panic_response`] does the same for panics. Internal details are logged here, once, and
 //! never sent to the client.
@@ -18,12 +18,17 @@ use axum::{
         rejection::{JsonRejection, QueryRejection},
     },
     http::{HeaderValue, StatusCode, header},
-    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
 
-use crate::{http::middleware::current_request_id, ws::handshake::HandshakeError};
+use crate::{
+    http::{
+        around::{After, Around},
+        middleware::current_request_id,
+    },
+    ws::handshake::HandshakeError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -178,21 +183,36 @@ pub fn code_for(status: StatusCode) -> &'static str {
 }
 
 /// Rewrites error responses produced outside handlers (router 404/405, tower-http's 408 and
-/// 413, axum rejections with text bodies) into the JSON error shape.
-pub async fn json_errors(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
+/// 413, axum rejections with text bodies) into the JSON error shape ([`super::around`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JsonErrors;
+
+impl Around for JsonErrors {
+    type Carry = ();
+
+    fn before(&self, _: &mut Request) -> Result<(), Response> {
+        Ok(())
+    }
+
+    fn after(&self, (): (), res: Response) -> After {
+        let status = res.status();
+        if !(status.is_client_error() || status.is_server_error()) {
+            return After::Ready(res);
+        }
+        let is_json = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+        if is_json {
+            return After::Ready(res);
+        }
+        After::Later(Box::pin(rewrite_as_json(res)))
+    }
+}
+
+async fn rewrite_as_json(res: Response) -> Response {
     let status = res.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return res;
-    }
-    let is_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/json"));
-    if is_json {
-        return res;
-    }
     let (parts, body) = res.into_parts();
     // Bodies here are short texts from axum or tower-http; keep them as the message for 4xx,
     // never for 5xx (they could carry internals).

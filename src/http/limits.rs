@@ -7,7 +7,7 @@
 //! over its share — and never costs the others their file descriptors. Refusals are counted in
 //! `relay_connections_refused_total{reason}`.
 //!
-//! [`rate_limit_http`] applies `limits.http_per_ip` to every request but the probes.
+//! [`RateLimitHttp`] applies `limits.http_per_ip` to every request but the probes.
 
 use std::{
     collections::HashMap,
@@ -19,32 +19,47 @@ use std::{
 };
 
 use axum::{
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, Request},
     http::StatusCode,
-    middleware::Next,
     response::{IntoResponse, Response},
 };
 
 use crate::{
-    http::{error::ApiError, middleware::client_ip},
+    http::{
+        around::{After, Around},
+        error::ApiError,
+        middleware::client_ip,
+    },
     state::AppState,
 };
 
 /// `limits.http_per_ip`: 429 with `Retry-After` for an address over its rate. Probes are
 /// exempt, so a kubelet or load balancer sharing an address with clients never fails them.
-pub async fn rate_limit_http(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.limits.limits_http() && !matches!(req.uri().path(), "/healthz" | "/readyz") {
-        let peer = req
-            .extensions()
-            .get::<ConnectInfo<std::net::SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip());
-        if let Some(ip) = client_ip(peer, req.headers(), &state.access_log.trusted_proxies)
-            && let Err(limited) = state.limits.check_http(ip)
-        {
-            return ApiError::RateLimited(limited).into_response();
+#[derive(Clone)]
+pub struct RateLimitHttp(pub AppState);
+
+impl Around for RateLimitHttp {
+    type Carry = ();
+
+    fn before(&self, req: &mut Request) -> Result<(), Response> {
+        let state = &self.0;
+        if state.limits.limits_http() && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<std::net::SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip());
+            if let Some(ip) = client_ip(peer, req.headers(), &state.access_log.trusted_proxies)
+                && let Err(limited) = state.limits.check_http(ip)
+            {
+                return Err(ApiError::RateLimited(limited).into_response());
+            }
         }
+        Ok(())
     }
-    next.run(req).await
+
+    fn after(&self, (): (), res: Response) -> After {
+        After::Ready(res)
+    }
 }
 
 #[derive(Debug)]

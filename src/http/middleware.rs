@@ -1,6 +1,6 @@
 //! Request-scoped context and the cross-cutting HTTP layers.
 //!
-//! * [`request_id`]: accepts a sane incoming `x-request-id` or generates a UUID, stores it in the
+//! * [`RequestIds`]: accepts a sane incoming `x-request-id` or generates a UUID, stores it in the
 //!   request extensions and in a task-local (so any code running for the request, including error
 //!   rendering, can read it with [`current_request_id`]) and echoes it on the response.
 //! * [`trace_layer`]: one span per request carrying method, matched route, request id, status and
@@ -11,7 +11,7 @@
 //!   `telemetry.trusted_trace_peers`.
 //!
 //! This module owns the request id and knows nothing of the error type: the error type reads the
-//! id from here, and the layers that render errors (`json_errors`, `panic_response`) live with it
+//! id from here, and the layers that render errors (`JsonErrors`, `panic_response`) live with it
 //! in [`super::error`], so the dependency runs one way.
 
 use std::{
@@ -23,7 +23,6 @@ use std::{
 use axum::{
     extract::{ConnectInfo, MatchedPath, Request},
     http::{HeaderMap, HeaderName, HeaderValue},
-    middleware::Next,
     response::Response,
 };
 use tower_http::{
@@ -32,6 +31,7 @@ use tower_http::{
 };
 use tracing::Span;
 
+use super::around::{After, Around};
 use crate::{config::Settings, telemetry::otel};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -42,7 +42,7 @@ tokio::task_local! {
 
 /// The id of the request being served; also available as a request extension.
 #[derive(Clone, Debug)]
-pub struct RequestId(pub std::sync::Arc<str>);
+pub struct RequestId(pub Arc<str>);
 
 /// The request id of the current request, if called while serving one.
 pub fn current_request_id() -> Option<String> {
@@ -59,23 +59,40 @@ fn acceptable(value: &HeaderValue) -> Option<&str> {
     ok.then_some(s)
 }
 
-pub async fn request_id(mut req: Request, next: Next) -> Response {
-    let id: std::sync::Arc<str> = match req.headers().get(&X_REQUEST_ID).and_then(acceptable) {
-        Some(s) => s.into(),
-        None => uuid::Uuid::new_v4().to_string().into(),
-    };
-    let header_value = HeaderValue::from_str(&id).ok();
-    if let Some(value) = &header_value {
-        req.headers_mut()
-            .insert(X_REQUEST_ID.clone(), value.clone());
+/// The request-id layer ([`super::around`]): the id goes into the request's headers and
+/// extensions, is the task-local of everything serving the request, and is echoed on the
+/// response.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestIds;
+
+impl Around for RequestIds {
+    type Carry = (RequestId, Option<HeaderValue>);
+
+    fn before(&self, req: &mut Request) -> Result<Self::Carry, Response> {
+        let id: Arc<str> = match req.headers().get(&X_REQUEST_ID).and_then(acceptable) {
+            Some(s) => s.into(),
+            None => uuid::Uuid::new_v4().to_string().into(),
+        };
+        let header_value = HeaderValue::from_str(&id).ok();
+        if let Some(value) = &header_value {
+            req.headers_mut()
+                .insert(X_REQUEST_ID.clone(), value.clone());
+        }
+        let request_id = RequestId(id);
+        req.extensions_mut().insert(request_id.clone());
+        Ok((request_id, header_value))
     }
-    let request_id = RequestId(id);
-    req.extensions_mut().insert(request_id.clone());
-    let mut res = REQUEST_ID.scope(request_id, next.run(req)).await;
-    if let Some(value) = header_value {
-        res.headers_mut().insert(X_REQUEST_ID.clone(), value);
+
+    fn after(&self, (_, header_value): Self::Carry, mut res: Response) -> After {
+        if let Some(value) = header_value {
+            res.headers_mut().insert(X_REQUEST_ID.clone(), value);
+        }
+        After::Ready(res)
     }
-    res
+
+    fn scope<R>(&self, (id, _): &Self::Carry, f: impl FnOnce() -> R) -> R {
+        REQUEST_ID.sync_scope(id.clone(), f)
+    }
 }
 
 /// The client's address: the peer, or — only when the peer is a trusted proxy — the right-most

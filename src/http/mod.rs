@@ -8,6 +8,7 @@
 pub mod access;
 pub mod admin;
 pub mod apidoc;
+pub mod around;
 pub mod auth;
 pub mod batch;
 pub mod error;
@@ -72,8 +73,8 @@ pub fn router(state: AppState) -> Router {
         state.settings.ws.max_connections,
         state.settings.ws.max_connections_per_ip,
     );
-    let access_log = axum::middleware::from_fn_with_state(state.clone(), access::record_http);
-    let rate_limit = axum::middleware::from_fn_with_state(state.clone(), limits::rate_limit_http);
+    let access_log = around::AroundLayer(access::RecordHttp(state.clone()));
+    let rate_limit = around::AroundLayer(limits::RateLimitHttp(state.clone()));
     let trace = middleware::trace_layer(&state.settings);
     let (api, mut openapi) = api_routes().split_for_parts();
     apidoc::constrain(&mut openapi, &apidoc::ApiLimits::from(&*state.settings));
@@ -91,22 +92,23 @@ pub fn router(state: AppState) -> Router {
         }),
     )
     .with_state(state)
-    .layer(axum::Extension(health::ReadinessCache::new()))
-    .layer(axum::Extension(limits::ConnectionLimits::new(
-        ws_limits.0,
-        ws_limits.1,
-    )))
+    // One `Router::layer` call: each one wraps every route in another boxed service.
     .layer(
         ServiceBuilder::new()
+            .layer(axum::Extension(health::ReadinessCache::new()))
+            .layer(axum::Extension(limits::ConnectionLimits::new(
+                ws_limits.0,
+                ws_limits.1,
+            )))
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
                 header::PROXY_AUTHORIZATION,
             ]))
-            .layer(axum::middleware::from_fn(middleware::request_id))
+            .layer(around::AroundLayer(middleware::RequestIds))
             .layer(trace)
             .layer(access_log)
-            .layer(axum::middleware::from_fn(error::json_errors))
+            .layer(around::AroundLayer(error::JsonErrors))
             .layer(rate_limit)
             .layer(CatchPanicLayer::custom(error::panic_response))
             .option_layer(cors_layer(&http))
