@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     args::Args,
-    http::{HttpCtx, keeps_number, post},
+    http::{Conn, HttpCtx, keeps_number},
     publisher::{Published, Schedule},
     retry::{Failure, retrying, write_key},
     stats::{padding, write_stamp},
@@ -142,12 +142,12 @@ pub async fn run(
     out: &mut Published,
 ) -> Result<(), String> {
     let ctx = Arc::new(HttpCtx::new(args)?);
-    let url = HttpCtx::url(&args.http_base(), "/api/v1/messages")?;
+    let uri = ctx.uri("/api/v1/messages")?;
     let names: Arc<[String]> = channels.into();
     let slots = args.http_concurrency();
     let job = Arc::new(SlotJob {
         ctx: Arc::clone(&ctx),
-        url,
+        uri,
         names,
         batch_size: args.batch_size(),
         pad: padding(args.payload_bytes, None),
@@ -195,7 +195,7 @@ pub async fn run(
 /// What every slot shares.
 struct SlotJob {
     ctx: Arc<HttpCtx>,
-    url: reqwest::Url,
+    uri: hyper::Uri,
     names: Arc<[String]>,
     batch_size: usize,
     pad: String,
@@ -223,6 +223,7 @@ async fn run_slot(job: Arc<SlotJob>, mut queue: mpsc::UnboundedReceiver<usize>) 
         errors: BTreeMap::new(),
     };
     let ctx = &job.ctx;
+    let conn = Conn::default();
     let mut batch = Vec::with_capacity(job.batch_size);
     let mut seqs = Vec::with_capacity(job.batch_size);
     let mut text = String::new();
@@ -252,7 +253,7 @@ async fn run_slot(job: Arc<SlotJob>, mut queue: mpsc::UnboundedReceiver<usize>) 
         let body = Bytes::copy_from_slice(text.as_bytes());
         let started = Instant::now();
         let attempts = retrying(ctx.max_attempts, || {
-            post(&ctx.client, &job.url, body.clone(), None)
+            conn.post(ctx, &job.uri, body.clone(), None)
         })
         .await;
         done.retries += u64::from(attempts.retries);

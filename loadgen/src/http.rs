@@ -1,6 +1,12 @@
-//! The HTTP side of the publisher, shared by `--publish-via http` and `batch`: one reqwest client
-//! whose keep-alive connections are reused, one POST attempt turned into an [`Answer`] or a
+//! The HTTP side of the publisher, shared by `--publish-via http` and `batch`: a keep-alive
+//! connection per publishing task ([`Conn`]), one POST attempt turned into an [`Answer`] or a
 //! [`Failure`], and the http mode itself (one task per writer).
+//!
+//! Each task owns its connection and drives it with hyper's connection API directly: no pool to
+//! check a connection out of, no timer or redirect policy of a general-purpose client, so that
+//! what the generator spends per request stays small next to what it measures (about 9 µs of
+//! CPU per request against reqwest's 14; `client_ceiling` in mock.rs, docs/loadgen.md). A
+//! connection that failed or timed out is dropped and the next attempt opens a new one.
 //!
 //! http mode runs --http-concurrency *writers* (default: one per channel), each with exactly one
 //! request in flight; writer w publishes on channel `w mod channels`. Concurrent POSTs to one
@@ -8,17 +14,22 @@
 //! messages, and with more writers than channels the stamp names the writer within its channel
 //! (`"w"`, and the idempotency key too) so that subscribers check each writer's sequence on its
 //! own. The ceiling is `writers / request latency` (50 channels with 100 writers at 4 ms =
-//! 25,000 msg/s), just `channels / request latency` by default; the client's own cost is about
-//! 14 µs of CPU per request (see `client_ceiling` in mock.rs and docs/loadgen.md).
+//! 25,000 msg/s), just `channels / request latency` by default.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    Request, StatusCode, Uri,
+    client::conn::http1::SendRequest,
+    header::{self, HeaderMap, HeaderValue},
+};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -32,7 +43,13 @@ use crate::{
 
 /// What every HTTP publishing task shares.
 pub struct HttpCtx {
-    pub client: reqwest::Client,
+    /// `host:port` of --url, to connect to.
+    authority: String,
+    /// --url's path, prefixed to every request's.
+    prefix: String,
+    /// `Host`, `Content-Type` and, with --token, `Authorization`: sent with every request.
+    headers: HeaderMap,
+    timeout: Duration,
     /// 1 without --idempotency.
     pub max_attempts: u32,
     /// `Some` with --idempotency: the first part of every key.
@@ -44,31 +61,31 @@ pub struct HttpCtx {
 
 impl HttpCtx {
     pub fn new(args: &Args) -> Result<Self, String> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = &args.token {
-            let bearer = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| "--token is not a valid header value".to_owned())?;
-            headers.insert(reqwest::header::AUTHORIZATION, bearer);
-        }
+        let base = args.http_base();
+        let url = url::Url::parse(&base).map_err(|e| format!("--url: `{base}`: {e}"))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("--url: `{base}` has no host"))?;
+        let port = url.port_or_known_default().unwrap_or(80);
+        let authority = format!("{host}:{port}");
+        let mut headers = HeaderMap::new();
+        let host_header = HeaderValue::from_str(&authority)
+            .map_err(|_| format!("--url: `{base}`: the host is not a valid header value"))?;
+        headers.insert(header::HOST, host_header);
         headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            reqwest::header::HeaderValue::from_static("application/json"),
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
         );
-        // HTTP/1.1 (the crate is built without h2), keep-alive: the pool keeps one connection
-        // per request in flight, so after the first round no request waits for a handshake.
-        // reqwest has rustls without a provider of its own: a client built before the process
-        // default is installed would panic (main installs ring first; tests build clients too).
-        crate::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .tcp_nodelay(true)
-            .timeout(args.request_timeout)
-            .default_headers(headers)
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+        if let Some(token) = &args.token {
+            let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| "--token is not a valid header value".to_owned())?;
+            headers.insert(header::AUTHORIZATION, bearer);
+        }
         Ok(Self {
-            client,
+            authority,
+            prefix: url.path().trim_end_matches('/').to_owned(),
+            headers,
+            timeout: args.request_timeout,
             max_attempts: args.max_attempts(),
             run_id: args.idempotency.then(new_run_id),
             latency: Mutex::new(new_histogram()),
@@ -90,10 +107,12 @@ impl HttpCtx {
             .clone()
     }
 
-    /// `url` as a parsed URL (parsed once per task, not once per request).
-    pub fn url(base: &str, path: &str) -> Result<reqwest::Url, String> {
-        let url = format!("{base}{path}");
-        reqwest::Url::parse(&url).map_err(|e| format!("--url: `{url}`: {e}"))
+    /// The request target for `path` (made once per task, not once per request).
+    pub fn uri(&self, path: &str) -> Result<Uri, String> {
+        let target = format!("{}{path}", self.prefix);
+        target
+            .parse()
+            .map_err(|e| format!("--url: request target `{target}`: {e}"))
     }
 }
 
@@ -105,63 +124,132 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-/// One POST of `body`, with `Idempotency-Key: key` if given.
-pub async fn post(
-    client: &reqwest::Client,
-    url: &reqwest::Url,
-    body: Bytes,
-    key: Option<&str>,
-) -> Result<Answer, Failure> {
-    let mut request = client.post(url.clone()).body(body);
-    if let Some(key) = key {
-        request = request.header("idempotency-key", key);
-    }
-    let response = request.send().await.map_err(classify)?;
-    let status = response.status();
-    let replayed_header = response
-        .headers()
-        .get("idempotent-replayed")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-    // Read the body in any case, so the connection goes back to the pool.
-    let body = response.bytes().await.map_err(classify)?;
-    if status == reqwest::StatusCode::CREATED {
-        Ok(Answer {
-            replayed_header,
-            body,
-        })
-    } else if status.is_success() {
-        Err(Failure::BadAnswer(format!(
-            "status {} instead of 201",
-            status.as_u16()
-        )))
-    } else {
-        Err(Failure::Status {
-            status: status.as_u16(),
-            code: error_code(&body),
-        })
+/// One task's keep-alive connection to relay, opened by the first request and again after one
+/// failed. Shared by reference with the attempts of a request (they take turns, so its lock is
+/// never contended).
+#[derive(Default)]
+pub struct Conn {
+    sender: Mutex<Option<SendRequest<Full<Bytes>>>>,
+}
+
+impl Conn {
+    /// One POST of `body` to `uri`, with `Idempotency-Key: key` if given, within
+    /// --request-timeout.
+    pub async fn post(
+        &self,
+        ctx: &HttpCtx,
+        uri: &Uri,
+        body: Bytes,
+        key: Option<&str>,
+    ) -> Result<Answer, Failure> {
+        let mut sender = self
+            .sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let outcome =
+            tokio::time::timeout(ctx.timeout, exchange(&mut sender, ctx, uri, body, key)).await;
+        // A connection that failed or timed out (its answer may still come, to nobody) is not
+        // kept: the next request opens another.
+        let (status, headers, body) = match outcome {
+            Ok(Ok(answer)) => {
+                *self.sender.lock().unwrap_or_else(PoisonError::into_inner) = sender;
+                answer
+            }
+            Ok(Err(failure)) => return Err(failure),
+            Err(_) => return Err(Failure::Timeout),
+        };
+        let replayed_header = headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        if status == StatusCode::CREATED {
+            Ok(Answer {
+                replayed_header,
+                body,
+            })
+        } else if status.is_success() {
+            Err(Failure::BadAnswer(format!(
+                "status {} instead of 201",
+                status.as_u16()
+            )))
+        } else {
+            Err(Failure::Status {
+                status: status.as_u16(),
+                code: error_code(&body),
+            })
+        }
     }
 }
 
-/// A short, groupable description of a failed request (without the URL, which differs per
-/// channel).
-fn classify(err: reqwest::Error) -> Failure {
-    if err.is_timeout() {
-        return Failure::Timeout;
+/// One request and its answer on `sender`'s connection (opened first if there is none).
+async fn exchange(
+    sender: &mut Option<SendRequest<Full<Bytes>>>,
+    ctx: &HttpCtx,
+    uri: &Uri,
+    body: Bytes,
+    key: Option<&str>,
+) -> Result<(StatusCode, HeaderMap, Bytes), Failure> {
+    // A keep-alive connection is ready again once the previous answer was read; one the server
+    // closed meanwhile says so here, before anything was sent: open another.
+    if let Some(open) = sender
+        && open.ready().await.is_err()
+    {
+        *sender = None;
     }
-    if err.is_connect() {
-        return Failure::Connect;
+    let sender = match sender {
+        Some(open) => open,
+        None => {
+            let mut new = connect(ctx).await?;
+            new.ready().await.map_err(|_| Failure::Connect)?;
+            sender.insert(new)
+        }
+    };
+    let mut request = Request::post(uri.clone());
+    if let Some(headers) = request.headers_mut() {
+        headers.clone_from(&ctx.headers);
+        if let Some(key) = key {
+            let value = HeaderValue::from_str(key)
+                .map_err(|_| Failure::BadAnswer("idempotency key not a header value".into()))?;
+            headers.insert("idempotency-key", value);
+        }
     }
-    // The innermost cause says what happened (e.g. "connection reset by peer").
+    let request = request
+        .body(Full::new(body))
+        .map_err(|e| Failure::Network(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(network)?;
+    let (parts, body) = response.into_parts();
+    // Read the body in any case, so the connection can take the next request.
+    let body = body.collect().await.map_err(network)?.to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+/// Open a connection to relay, its protocol driven by a task of its own until the [`Conn`]
+/// drops it.
+async fn connect(ctx: &HttpCtx) -> Result<SendRequest<Full<Bytes>>, Failure> {
+    let stream = tokio::net::TcpStream::connect(&ctx.authority)
+        .await
+        .map_err(|_| Failure::Connect)?;
+    // A request is one small write: never held back for the previous answer's ACK.
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|_| Failure::Connect)?;
+    // Its error, if any, is the next request's (`ready` or `send_request` fails).
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// A short, groupable description of a failed exchange: the innermost cause (e.g. "connection
+/// reset by peer").
+fn network(err: hyper::Error) -> Failure {
     let mut cause: &dyn std::error::Error = &err;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    let text = if std::ptr::addr_eq(cause, &err) {
-        err.without_url().to_string()
-    } else {
-        cause.to_string()
-    };
-    Failure::Network(text)
+    Failure::Network(cause.to_string())
 }
 
 /// `{"error":{"code":"…"}}` → the code.
@@ -197,10 +285,9 @@ pub async fn run(
     out: &mut Published,
 ) -> Result<(), String> {
     let ctx = Arc::new(HttpCtx::new(args)?);
-    let base = args.http_base();
-    let urls = channels
+    let uris = channels
         .iter()
-        .map(|name| HttpCtx::url(&base, &format!("/api/v1/channels/{name}/messages")))
+        .map(|name| ctx.uri(&format!("/api/v1/channels/{name}/messages")))
         .collect::<Result<Vec<_>, _>>()?;
     let writers = args.http_concurrency();
     // With one writer per channel the stamps and keys stay exactly as they always were.
@@ -216,7 +303,7 @@ pub async fn run(
             Arc::clone(&ctx),
             channels[ch].clone(),
             writer,
-            urls[ch].clone(),
+            uris[ch].clone(),
             padding(args.payload_bytes, writer),
             rx,
         )));
@@ -269,7 +356,7 @@ async fn post_writer(
     ctx: Arc<HttpCtx>,
     channel: String,
     writer: Option<usize>,
-    url: reqwest::Url,
+    uri: Uri,
     pad: String,
     mut ticks: mpsc::UnboundedReceiver<()>,
 ) -> WriterPublished {
@@ -280,6 +367,7 @@ async fn post_writer(
         replays: 0,
         errors: BTreeMap::new(),
     };
+    let conn = Conn::default();
     let mut text = String::new();
     let mut key = String::new();
     while ticks.recv().await.is_some() {
@@ -298,7 +386,7 @@ async fn post_writer(
         let key = ctx.run_id.as_ref().map(|_| key.as_str());
         let started = Instant::now();
         let attempts = retrying(ctx.max_attempts, || {
-            post(&ctx.client, &url, body.clone(), key)
+            conn.post(&ctx, &uri, body.clone(), key)
         })
         .await;
         done.retries += u64::from(attempts.retries);

@@ -32,7 +32,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // reqwest has rustls without a provider of its own and takes the process's.
+    // redis' rustls (`rediss://`) has no provider of its own and takes the process's.
     install_crypto_provider();
     let args = args::Args::parse();
     if args.floor_sink {
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 
 /// Install ring as rustls' process-wide crypto provider, the one relay installs. `Err` only means
 /// a provider is already in place, which is all that is needed.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
