@@ -199,12 +199,7 @@ impl Around for JsonErrors {
         if !(status.is_client_error() || status.is_server_error()) {
             return After::Ready(res);
         }
-        let is_json = res
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/json"));
-        if is_json {
+        if super::has_content_type(&res, "application/json") {
             return After::Ready(res);
         }
         After::Later(Box::pin(rewrite_as_json(res)))
