@@ -127,7 +127,7 @@ impl Around for RecordHttp {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return After::Ready(res);
         }
-        let is_sse = super::has_content_type(&res, "text/event-stream");
+        let is_sse = super::middleware::has_content_type(&res, "text/event-stream");
         let pending = PendingEntry {
             log: self.0.access_log.clone(),
             context,

@@ -199,7 +199,7 @@ impl Around for JsonErrors {
         if !(status.is_client_error() || status.is_server_error()) {
             return After::Ready(res);
         }
-        if super::has_content_type(&res, "application/json") {
+        if super::middleware::has_content_type(&res, "application/json") {
             return After::Ready(res);
         }
         After::Later(Box::pin(rewrite_as_json(res)))

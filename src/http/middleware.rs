@@ -95,6 +95,15 @@ impl Around for RequestIds {
     }
 }
 
+/// Whether `res` declares a `Content-Type` starting with `prefix` (parameters such as `charset`
+/// follow it).
+pub(crate) fn has_content_type(res: &axum::response::Response, prefix: &str) -> bool {
+    res.headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with(prefix))
+}
+
 /// The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
 /// address in `X-Forwarded-For` that is not itself a trusted proxy.
 pub fn client_ip(

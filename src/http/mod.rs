@@ -59,15 +59,6 @@ pub fn api_routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     routes
 }
 
-/// Whether `res` declares a `Content-Type` starting with `prefix` (parameters such as `charset`
-/// follow it).
-pub(crate) fn has_content_type(res: &axum::response::Response, prefix: &str) -> bool {
-    res.headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with(prefix))
-}
-
 /// The OpenAPI document served at `/api-docs/openapi.json` by a server with these limits.
 pub fn openapi(limits: &apidoc::ApiLimits) -> utoipa::openapi::OpenApi {
     let mut doc = api_routes().into_openapi();
