@@ -124,6 +124,7 @@ impl Around for RecordHttp {
         metrics::histogram!("relay_http_request_duration_seconds", "method" => method, "route" => route)
             .record(started.elapsed().as_secs_f64());
 
+        // A WebSocket session writes its own entry when it ends.
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return After::Ready(res);
         }
@@ -148,6 +149,8 @@ impl Around for RecordHttp {
     }
 }
 
+/// An entry waiting for its response body to finish; written on drop, which happens when the
+/// body is complete or the client went away.
 struct PendingEntry {
     log: AccessLog,
     context: AccessContext,

@@ -4,9 +4,10 @@
 //! request a clone of the whole inner service stack, two boxed services and a boxed future. With
 //! four such layers that was about a third of relay's CPU for a small `POST` (docs/performance.md,
 //! issue 15). The layers here do their work synchronously on the way in ([`Around::before`]) and
-//! on the way out ([`Around::after`]) and wrap the inner future in a named one, so a request
-//! through them allocates nothing of its own. Whatever needs to wait on the way out (reading a
-//! body) says so with [`After::Later`], boxed only then.
+//! on the way out ([`Around::after`]) and wrap the inner future in a named one, so a layer costs
+//! a request no allocation of its own (a response body that is not yet axum's `Body` is boxed
+//! into one, as `from_fn` does too). Whatever needs to wait on the way out (reading a body) says
+//! so with [`After::Later`], boxed only then.
 
 use std::{
     convert::Infallible,

@@ -97,7 +97,7 @@ impl Around for RequestIds {
 
 /// Whether `res` declares a `Content-Type` starting with `prefix` (parameters such as `charset`
 /// follow it).
-pub(crate) fn has_content_type(res: &axum::response::Response, prefix: &str) -> bool {
+pub(crate) fn has_content_type(res: &Response, prefix: &str) -> bool {
     res.headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
