@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 
 /// Install ring as rustls' process-wide crypto provider, the one relay installs. `Err` only means
 /// a provider is already in place, which is all that is needed.
-pub fn install_crypto_provider() {
+fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
